@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from typing import Protocol
+
+from starlette.types import Receive, Scope, Send
+
+
+class Component(Protocol):
+    """A part of the control plane: owns some path prefixes and background tasks."""
+
+    prefixes: tuple[str, ...]
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...

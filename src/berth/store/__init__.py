@@ -1,0 +1,1 @@
+"""Config and service discovery: a Consul HTTP API subset on SQLite, and its client."""

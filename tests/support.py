@@ -1,0 +1,88 @@
+"""Helpers for tests that run real berth processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+LISTENING = re.compile(r"listening on (https?://[\w.\[\]:]+)")
+
+
+class BerthProcess:
+    """A running ``berth`` subcommand; its stderr is kept for assertions and failures."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "berth.cli.main", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: deque[str] = deque(maxlen=2000)
+        self.url: str | None = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        return f"<BerthProcess {self.args[:1]} pid={self.proc.pid} url={self.url}>"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.url is None and (m := LISTENING.search(line)):
+                self.url = m.group(1)
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 30) -> str:
+        if not self._ready.wait(timeout) or self.url is None:
+            self.stop()
+            raise RuntimeError(f"{self!r} did not start:\n" + "\n".join(self.lines))
+        return self.url
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@contextmanager
+def berth(*args: str, env: dict[str, str] | None = None) -> Iterator[BerthProcess]:
+    """Run ``berth ARGS`` until the block ends; always stopped, whatever happens."""
+    proc = BerthProcess(args, env)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def control_plane(data_dir: Path, *extra: str) -> BerthProcess:
+    return BerthProcess(["server", "--port", "0", "--data-dir", str(data_dir), *extra])
