@@ -6,11 +6,16 @@ from berth.controlplane.component import Component
 from berth.controlplane.config import ControlPlaneConfig
 
 
-def build_components(config: ControlPlaneConfig) -> list[Component]:
+def build_components(config: ControlPlaneConfig, self_url: str) -> list[Component]:
+    """Components in start order. ``self_url`` is this control plane's own bound URL:
+    with the embedded store, the other components reach it there, through the
+    same protocol they would use against an external Consul at ``store_url``."""
+    store_url = config.store_url or self_url
     components: list[Component] = []
     if config.store_url is None:
         from berth.store.config import StoreConfig
         from berth.store.server import StoreServer
 
         components.append(StoreServer(StoreConfig(data_dir=config.data_dir / "store")))
+    del store_url  # used by the scheduler once it is registered here
     return components

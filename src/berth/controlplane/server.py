@@ -38,10 +38,10 @@ class ControlPlaneServer:
 
     def __init__(self, config: ControlPlaneConfig) -> None:
         self.config = config
-        self.app = ControlPlaneApp(build_components(config), token=config.token)
         self._sock = bind(config.host, config.port)
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://{config.host}:{self.port}"
+        self.app = ControlPlaneApp(build_components(config, self.url), token=config.token)
         self._server = uvicorn.Server(
             uvicorn.Config(
                 self.app,
