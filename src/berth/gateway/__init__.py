@@ -1,0 +1,1 @@
+"""berth.gateway: the data plane (reverse proxy, routing, health checks, admin API)."""
