@@ -1,0 +1,239 @@
+"""The embedded driver: each task is a child process of the control plane.
+
+Design (orphans and restarts): tasks die with the control plane. Every task is
+started in its own session/process group with ``PR_SET_PDEATHSIG=SIGKILL``, so
+if the control plane is killed (even by SIGKILL) the kernel kills the task
+leader; on the next start the scheduler reaps whatever a leader left behind
+(any process carrying a stored task's ``MESOS_TASK_ID``) and starts fresh
+tasks. Re-adopting live tasks instead was rejected: a task's stdout/stderr
+pipe runs through the control plane (that is how the json-file logs are
+written), so a task outliving it would write into a closed pipe, unsupervised
+and unlogged, until someone restarted berth. ``berth up`` relies on this: after
+the control plane exits, no task process remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import psutil
+
+from berth.scheduler.driver.base import Exit, LaunchSpec
+from berth.scheduler.driver.limits import Limiter, Prepared
+from berth.scheduler.errors import LaunchFailed, UnsupportedApp
+from berth.scheduler.models import AppDefinition
+from berth.scheduler.tasklog import Stream, TaskLog
+
+log = logging.getLogger("berth.scheduler.driver")
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+# Docker's json-file driver splits lines at 16 KiB; so do we, to bound memory per task.
+MAX_LINE = 16 * 1024
+
+
+def _child_setup(parent_pid: int, prepared: Prepared) -> None:
+    # Runs between fork and exec: only syscalls, no allocation-heavy Python.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        # The control plane died before prctl took effect: nobody would supervise us.
+        os._exit(1)
+    prepared.apply_in_child()
+
+
+class ProcessTask:
+    """One running task process, its log pumps and its cgroup."""
+
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        proc: asyncio.subprocess.Process,
+        limiter: Limiter,
+        limits_in_force: str,
+        tasklog: TaskLog,
+        sandbox: Path,
+    ) -> None:
+        self.spec = spec
+        self.pid = proc.pid
+        try:
+            self.create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            self.create_time = 0.0
+        self.limits_in_force = limits_in_force
+        self._proc = proc
+        self._limiter = limiter
+        self._log = tasklog
+        self._sandbox = sandbox
+        self._stopping = False
+        self._pumps = [
+            asyncio.ensure_future(self._pump(proc.stdout, "stdout")),
+            asyncio.ensure_future(self._pump(proc.stderr, "stderr")),
+        ]
+        self._exit: asyncio.Future[Exit] = asyncio.ensure_future(self._supervise())
+
+    def __repr__(self) -> str:
+        state = "exited" if self._exit.done() else "stopping" if self._stopping else "running"
+        return f"<ProcessTask {self.spec.task_id} pid={self.pid} {state} {self.limits_in_force}>"
+
+    async def _pump(self, stream: asyncio.StreamReader | None, name: Stream) -> None:
+        if stream is None:
+            return
+        pending = b""
+        while chunk := await stream.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._log.write(line.decode("utf-8", "replace") + "\n", name)
+            while len(pending) >= MAX_LINE:
+                self._log.write(pending[:MAX_LINE].decode("utf-8", "replace"), name)
+                pending = pending[MAX_LINE:]
+            self._log.flush()
+        if pending:
+            self._log.write(pending.decode("utf-8", "replace"), name)
+            self._log.flush()
+
+    def _signal_all(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+        # Descendants that left the process group are still in the task's cgroup.
+        for pid in self._limiter.pids(self.spec.task_id):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    async def _supervise(self) -> Exit:
+        returncode = await self._proc.wait()
+        # The task is over when its leader is; nothing it forked may outlive it
+        # (as when Mesos tears down a container).
+        self._signal_all(signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await asyncio.gather(*self._pumps, return_exceptions=True)
+        for pump in self._pumps:
+            pump.cancel()
+        self._log.close()
+        oom = returncode != 0 and self._limiter.oom_killed(self.spec.task_id)
+        await self._release_cgroup()
+        shutil.rmtree(self._sandbox, ignore_errors=True)
+        return Exit(returncode=returncode, oom=oom, killed_by_us=self._stopping and not oom)
+
+    async def _release_cgroup(self) -> None:
+        # Killed processes leave their cgroup a moment after the leader is reaped;
+        # nothing signals that, so poll briefly with a deadline.
+        deadline = time.monotonic() + 2.0
+        while self._limiter.pids(self.spec.task_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._limiter.release(self.spec.task_id)
+
+    async def wait(self) -> Exit:
+        return await asyncio.shield(self._exit)
+
+    async def stop(self, grace_seconds: float) -> Exit:
+        """SIGTERM to the task's process group, the grace period, then SIGKILL."""
+        self._stopping = True
+        if not self._exit.done():
+            self._signal_all(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(grace_seconds):
+                    await asyncio.shield(self._exit)
+            except TimeoutError:
+                self._signal_all(signal.SIGKILL)
+        return await self.wait()
+
+
+class ProcessDriver:
+    def __init__(
+        self,
+        sandbox_dir: Path,
+        limiter: Limiter,
+        log_max_size: int,
+        log_max_files: int,
+    ) -> None:
+        self.sandbox_dir = sandbox_dir
+        self.limiter = limiter
+        self.log_max_size = log_max_size
+        self.log_max_files = log_max_files
+
+    def __repr__(self) -> str:
+        return f"<ProcessDriver limits={self.limiter.kind} sandboxes={self.sandbox_dir}>"
+
+    def check(self, app: AppDefinition) -> None:
+        if app.container_image is not None:
+            raise UnsupportedApp(
+                "/container/docker/image",
+                f"container.docker.image ({app.container_image}) needs a Docker driver; "
+                "berth's process driver runs cmd/args as local processes",
+            )
+        if app.cmd is None and app.args is None:
+            raise UnsupportedApp("/cmd", "the process driver needs cmd or args")
+
+    async def launch(self, spec: LaunchSpec) -> ProcessTask:
+        sandbox = self.sandbox_dir / spec.task_id
+        sandbox.mkdir(parents=True, exist_ok=True)
+        try:
+            prepared = self.limiter.prepare(spec.task_id, spec.cpus, spec.mem)
+        except OSError as exc:
+            raise LaunchFailed(f"cannot set resource limits: {exc}") from exc
+        argv = ["/bin/sh", "-c", spec.cmd] if spec.cmd is not None else list(spec.args or ())
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MESOS_SANDBOX": str(sandbox)}
+        env.update(spec.env)
+        tasklog = TaskLog(spec.log_path, self.log_max_size, self.log_max_files)
+        parent = os.getpid()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=sandbox,
+                start_new_session=True,
+                preexec_fn=lambda: _child_setup(parent, prepared),
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            tasklog.write(f"berth: cannot start task: {exc}\n", "stderr")
+            tasklog.close()
+            self.limiter.release(spec.task_id)
+            shutil.rmtree(sandbox, ignore_errors=True)
+            raise LaunchFailed(f"cannot start {argv[0]!r}: {exc}") from exc
+        return ProcessTask(spec, proc, self.limiter, prepared.kind, tasklog, sandbox)
+
+    def reap_orphans(self, tasks: Mapping[str, tuple[int | None, float | None]]) -> int:
+        """Kill every process that belongs to one of ``tasks`` (left by a dead control plane).
+
+        Matched by the ``MESOS_TASK_ID`` every task process and its descendants inherit,
+        so a recycled pid is never hit; the stored pid + create_time catch a leader
+        that scrubbed its environment.
+        """
+        if not tasks:
+            return 0
+        me = os.getpid()
+        killed = 0
+        leaders = {pid: ct for pid, ct in tasks.values() if pid}
+        for proc in psutil.process_iter(["pid", "create_time"]):
+            if proc.pid == me:
+                continue
+            try:
+                ours = proc.pid in leaders and proc.info["create_time"] == leaders[proc.pid]
+                if not ours:
+                    ours = proc.environ().get("MESOS_TASK_ID") in tasks
+                if ours:
+                    proc.kill()
+                    killed += 1
+            except (psutil.Error, OSError):
+                continue
+        for task_id in tasks:
+            self.limiter.release(task_id)
+        return killed
+
+    def close(self) -> None:
+        self.limiter.close()
