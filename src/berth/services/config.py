@@ -1,0 +1,61 @@
+"""One typed config per service; both share the HTTP shell's limits.
+
+Loaded with :func:`berth.config.load` from the ``[imageinfo]`` / ``[imgprocess]``
+table of berth.toml, ``BERTH_*`` variables and flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from berth.config import ComponentConfig
+
+ServiceName = Literal["imageinfo", "imgprocess"]
+
+
+def _cores() -> int:
+    # The scheduler may pin us to fewer cores than the host has.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class ServiceConfig(ComponentConfig):
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    # Threads decoding images; more than the cores only adds contention.
+    workers: int = Field(default_factory=_cores, ge=1, le=256)
+    # Requests admitted beyond the running ones; above this the answer is 503.
+    limit_queue: int = Field(default=16, ge=0, le=10_000)
+    limit_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    limit_width: int = Field(default=20_000, ge=1)
+    limit_height: int = Field(default=20_000, ge=1)
+    # Summed over animation frames, as imgproxy does: a 1000-frame GIF of a
+    # small size costs as much as one huge still.
+    limit_pixels: int = Field(default=50_000_000, ge=1)
+    limit_frames: int = Field(default=1000, ge=1)
+    timeout_processing: float = Field(default=30.0, gt=0)
+    retry_after_seconds: int = Field(default=1, ge=0)
+
+
+class ImageInfoConfig(ServiceConfig):
+    pass
+
+
+class ImgProcessConfig(ServiceConfig):
+    # Largest output side; stops `/scale/1000` on a big image from allocating gigabytes.
+    limit_output_side: int = Field(default=10_000, ge=1)
+    # Where `/watermark/url/<base64 path>` images are read from; None disables them.
+    watermark_dir: Path | None = None
+    quality_default: int = Field(default=80, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _watermark_dir_exists(self) -> ImgProcessConfig:
+        if self.watermark_dir is not None and not self.watermark_dir.is_dir():
+            raise ValueError(f"watermark_dir {self.watermark_dir} is not a directory")
+        return self

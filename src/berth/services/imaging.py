@@ -1,0 +1,177 @@
+"""The boundary to libvips shared by both services: which inputs we accept, how
+they are opened safely, and how libvips errors become berth errors.
+
+Only the loaders listed in ``LOADERS`` are used; anything else libvips could
+open (CSV, matrix, raw .vips files...) is "not an image" to us. Headers are read
+first and checked against the limits, so a decompression bomb is refused
+before a single pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+# Must be set before libvips starts: a loader marked untrusted can never run.
+os.environ.setdefault("VIPS_BLOCK_UNTRUSTED", "1")
+
+import pyvips
+
+from berth.services.config import ServiceConfig
+from berth.services.errors import (
+    CorruptImage,
+    ImageTooLarge,
+    NotAnImage,
+    ProcessingTimeout,
+    ServiceError,
+)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str  # our name, as in `/format/<name>`
+    mime: str
+    upyun: str  # x-upyun-file-type
+
+
+JPEG = Format("jpg", "image/jpeg", "JPEG")
+PNG = Format("png", "image/png", "PNG")
+WEBP = Format("webp", "image/webp", "WEBP")
+GIF = Format("gif", "image/gif", "GIF")
+AVIF = Format("avif", "image/avif", "AVIF")
+HEIC = Format("heic", "image/heic", "HEIC")
+TIFF = Format("tiff", "image/tiff", "TIFF")
+SVG = Format("svg", "image/svg+xml", "SVG")
+
+LOADERS: dict[str, Format] = {
+    "VipsForeignLoadJpegBuffer": JPEG,
+    "VipsForeignLoadPngBuffer": PNG,
+    "VipsForeignLoadWebpBuffer": WEBP,
+    "VipsForeignLoadNsgifBuffer": GIF,
+    "VipsForeignLoadHeifBuffer": AVIF,  # refined to HEIC from heif-compression
+    "VipsForeignLoadTiffBuffer": TIFF,
+    "VipsForeignLoadSvgBuffer": SVG,
+}
+# Formats whose loader can give all frames with n=-1.
+MULTI_PAGE = {GIF, WEBP, TIFF, AVIF, HEIC}
+
+
+def init_vips(concurrency: int = 1) -> None:
+    """Process-wide libvips settings for a server of untrusted uploads."""
+    pyvips.block_untrusted_set(True)
+    # Every upload is new: the operation cache would only hold memory.
+    pyvips.cache_set_max(0)
+    # One libvips thread per request: the pool already keeps every core busy,
+    # and fewer threads per image measured faster on a 2-core machine.
+    pyvips.concurrency_set(concurrency)
+
+
+def find_loader(data: bytes) -> Format:
+    name_ptr = pyvips.vips_lib.vips_foreign_find_load_buffer(
+        pyvips.ffi.from_buffer(data), len(data)
+    )
+    if name_ptr == pyvips.ffi.NULL:
+        # libvips left "not a known format" in its per-thread error buffer.
+        pyvips.vips_lib.vips_error_clear()
+        raise NotAnImage("body is not an image in a supported format")
+    name = pyvips.ffi.string(name_ptr).decode()
+    fmt = LOADERS.get(name)
+    if fmt is None:
+        raise NotAnImage(f"{name.removeprefix('VipsForeignLoad')} input is not supported")
+    return fmt
+
+
+_NOISE = re.compile(r"^(unable to call|VipsForeignLoad\w*: )", re.IGNORECASE)
+
+
+def vips_message(exc: pyvips.Error) -> str:
+    """The useful line of a libvips error: the cause, not 'unable to call ...'."""
+    text = f"{exc.message}\n{exc.detail or ''}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not _NOISE.match(ln)]
+    return (useful or lines or ["libvips error"])[-1][:300]
+
+
+@contextmanager
+def vips_errors(what: str) -> Iterator[None]:
+    """Translate libvips failures inside the block; berth's own errors pass through."""
+    try:
+        yield
+    except ServiceError:
+        raise
+    except pyvips.Error as exc:
+        message = vips_message(exc)
+        if "killed" in message:
+            raise ProcessingTimeout(f"{what}: processing time limit reached") from None
+        raise CorruptImage(f"{what}: {message}") from None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the header says, checked against the limits; nothing is decoded yet."""
+
+    format: Format
+    image: pyvips.Image  # header-only, first frame
+    width: int
+    height: int  # of one frame
+    frames: int
+    orientation: int
+
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        if self.orientation in (5, 6, 7, 8):
+            return self.height, self.width
+        return self.width, self.height
+
+
+def _get(image: pyvips.Image, name: str, default: Any) -> Any:
+    return image.get(name) if image.get_typeof(name) != 0 else default
+
+
+def probe(data: bytes, config: ServiceConfig) -> Probe:
+    fmt = find_loader(data)
+    with vips_errors("cannot read image header"):
+        image = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="truncated")
+        width, height = image.width, image.height
+        frames = int(_get(image, "n-pages", 1)) if fmt in MULTI_PAGE else 1
+        page_height = int(_get(image, "page-height", height))
+        if page_height > 0 and height % page_height == 0 and height > page_height:
+            frames, height = height // page_height, page_height
+        orientation = int(_get(image, "orientation", 1))
+        if fmt is AVIF and _get(image, "heif-compression", "av1") == "hevc":
+            fmt = HEIC
+    check_limits(width, height, frames, config)
+    return Probe(fmt, image, width, height, frames, orientation if 1 <= orientation <= 8 else 1)
+
+
+def check_limits(width: int, height: int, frames: int, config: ServiceConfig) -> None:
+    if width > config.limit_width or height > config.limit_height:
+        raise ImageTooLarge(
+            f"image is {width}x{height}, over the limit of "
+            f"{config.limit_width}x{config.limit_height}"
+        )
+    if frames > config.limit_frames:
+        raise ImageTooLarge(f"image has {frames} frames, over the limit of {config.limit_frames}")
+    pixels = width * height * frames
+    if pixels > config.limit_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height}x{frames} frames = {pixels} pixels, "
+            f"over the limit of {config.limit_pixels}"
+        )
+
+
+def kill_after(image: pyvips.Image, seconds: float) -> None:
+    """Make evaluation of ``image`` stop with 'killed' once ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    image.set_progress(True)
+
+    def on_eval(img: pyvips.Image, progress: object) -> None:
+        if time.monotonic() > deadline:
+            img.set_kill(True)
+
+    image.signal_connect("eval", on_eval)
