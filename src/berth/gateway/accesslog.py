@@ -1,0 +1,140 @@
+"""The access log: one JSON line per request, written off the request path.
+
+Requests only append a record to a list; a background task hands batches to a
+thread that serializes and appends them, so disk stalls never block the event
+loop. The buffer is bounded: when the writer cannot keep up, records are
+dropped and counted (``access_log_dropped_total``) rather than growing memory
+without limit. Rotation is by size (access.log -> access.log.1 -> ...); workers
+share the file, so rotation happens under a lock file and each worker reopens
+when the name points at a new inode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from berth.gateway.metrics import METRICS, Metrics
+
+log = logging.getLogger("berth.gateway.accesslog")
+
+FLUSH_INTERVAL = 0.2
+FLUSH_BATCH = 512
+
+
+class AccessLog:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        backups: int,
+        max_pending: int,
+        metrics: Metrics = METRICS,
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.max_pending = max_pending
+        self.metrics = metrics
+        self._pending: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        running = self._task is not None and not self._task.done()
+        return f"<AccessLog {self.path} pending={len(self._pending)} running={running}>"
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._task = asyncio.create_task(self._run(), name="access-log-writer")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if len(self._pending) >= self.max_pending:
+            self.metrics.access_log_dropped += 1
+            return
+        self._pending.append(record)
+        if len(self._pending) >= FLUSH_BATCH:
+            self._wake.set()
+
+    async def stop(self) -> None:
+        """Write everything still buffered, then close the file."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    async def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await asyncio.to_thread(self._write_batch, batch)
+
+    async def _run(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except OSError as exc:  # a full disk must not take the gateway down
+                log.error("access log write failed: %s", exc)
+        await self.flush()
+
+    # -- writer thread ------------------------------------------------------
+
+    def _write_batch(self, batch: list[dict[str, Any]]) -> None:
+        data = "".join(
+            json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in batch
+        ).encode("utf-8", "replace")
+        fd = self._open()
+        if os.fstat(fd).st_size + len(data) > self.max_bytes:
+            fd = self._rotate()
+        # One write() per batch: O_APPEND keeps whole batches from different
+        # workers from interleaving inside a line.
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        self.metrics.access_log_written += len(batch)
+
+    def _open(self) -> int:
+        if self._fd is not None:
+            try:
+                if self.path.stat().st_ino == os.fstat(self._fd).st_ino:
+                    return self._fd
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return self._fd
+
+    def _rotate(self) -> int:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            # Another worker may have rotated while we waited for the lock.
+            if self.path.stat().st_size > 0 and self._needs_rotation():
+                for n in range(self.backups - 1, 0, -1):
+                    src = self.path.with_name(f"{self.path.name}.{n}")
+                    if src.exists():
+                        src.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+                self.path.replace(self.path.with_name(self.path.name + ".1"))
+        return self._open()
+
+    def _needs_rotation(self) -> bool:
+        assert self._fd is not None
+        try:
+            same = self.path.stat().st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
+        return same

@@ -1,0 +1,130 @@
+"""Header rewriting between client and upstream (pure functions, unit-tested).
+
+Hop-by-hop headers (RFC 9110 7.6.1) and every header named in ``Connection``
+describe one connection and must not cross the proxy; framing headers are
+rebuilt for each side because the two sides may frame bodies differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Rebuilt by the gateway on the upstream request.
+_REQUEST_REPLACED = HOP_BY_HOP | {
+    b"content-length",
+    b"expect",
+    b"host",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+}
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Lower-cased header names listed in Connection (they are hop-by-hop too)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    host: bytes,
+    client_ip: str,
+    request_id: bytes,
+    body: str,
+    upgrade: bytes | None,
+) -> bytes:
+    """The request head sent upstream (always HTTP/1.1, keep-alive).
+
+    ``body`` is "none", "chunked" or the Content-Length as text.
+    """
+    drop = _REQUEST_REPLACED | connection_tokens(headers)
+    forwarded_for = b""
+    lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"x-forwarded-for":
+                forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    ip = client_ip.encode()
+    forwarded_for = forwarded_for + b", " + ip if forwarded_for else ip
+    lines += (
+        b"X-Forwarded-For: ", forwarded_for,
+        b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ", host,
+        b"\r\nX-Request-Id: ", request_id, b"\r\n",
+    )  # fmt: skip
+    if upgrade is not None:
+        lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    if body == "chunked":
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    elif body != "none":
+        lines += (b"Content-Length: ", body.encode(), b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def client_response_head(
+    status: int,
+    reason: bytes,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    framing: str,
+    keep_alive: bool,
+    request_id: bytes,
+    upgrade: bytes | None = None,
+) -> bytes:
+    """The response head sent to the client.
+
+    ``framing`` is "length" (the upstream's Content-Length is kept), "chunked"
+    (re-chunked by the gateway), "close" (body ends with the connection) or
+    "none" (HEAD, 204, 304: headers passed as they are).
+    """
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    has_id = False
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == b"x-request-id":
+            has_id = True
+        lines += (name, b": ", value, b"\r\n")
+    if not has_id:
+        lines += (b"X-Request-Id: ", request_id, b"\r\n")
+    if upgrade is not None:
+        lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
+        return b"".join(lines)
+    if framing == "chunked":
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    if not keep_alive or framing == "close":
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,980 @@
+"""The client side of the proxy: one asyncio.Protocol per client connection.
+
+Per-connection state (transport, parser, pipeline, timers, flow control) lives
+on ``ClientProtocol``; per-request state lives on ``Exchange``, which also
+receives the upstream's response callbacks and writes them to the client.
+Bodies never pass through a coroutine: parser callbacks on one side write to
+the transport of the other, and each side pauses the other's reading when its
+write buffer is full, so a connection holds a bounded amount of body at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httptools
+
+from berth.gateway import limits as limits_mod
+from berth.gateway.config import GatewayConfig
+from berth.gateway.errors import (
+    BadRequest,
+    ExpectationFailed,
+    GatewayError,
+    HeadersTooLarge,
+    NoServer,
+    RequestTimeout,
+    RouteNotFound,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamTimeout,
+    URITooLong,
+)
+from berth.gateway.headers import LAST_CHUNK, chunk, client_response_head, upstream_request_head
+from berth.gateway.metrics import METRICS, Metrics
+from berth.gateway.upstream import UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from berth.gateway.accesslog import AccessLog
+    from berth.gateway.cluster import Cluster, Server
+    from berth.gateway.routes import Route, RoutingTable
+
+log = logging.getLogger("berth.gateway.proxy")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+RETRY_STATUSES = frozenset({502, 503, 504})
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# nginx logs 499 when the client went away before the response was complete.
+CLIENT_CLOSED = 499
+
+
+class TableSource(Protocol):
+    """Where the current routing table comes from (Discovery, or a fixed one in tests)."""
+
+    @property
+    def table(self) -> RoutingTable: ...
+
+
+@dataclass
+class ProxyContext:
+    """What every connection of one worker shares."""
+
+    config: GatewayConfig
+    routes: TableSource
+    pool: UpstreamPool
+    access_log: AccessLog | None = None
+    metrics: Metrics = METRICS
+    rate: limits_mod.RateLimiter = field(default_factory=limits_mod.RateLimiter)
+    concurrency: limits_mod.ConcurrencyLimiter = field(
+        default_factory=limits_mod.ConcurrencyLimiter
+    )
+    connections: set[ClientProtocol] = field(default_factory=set)
+    draining: bool = False
+    # Request ids: random per worker, then a counter (unique without a uuid per request).
+    _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
+    _id_counter: int = 0
+
+    def next_request_id(self) -> bytes:
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:012x}".encode()
+
+
+class ClientGone(ConnectionError):
+    """The client closed its connection while its request was being served."""
+
+
+def should_retry(
+    *, error: bool, status: int, method: bytes, replayable: bool, response_started: bool
+) -> bool:
+    """nginx proxy_next_upstream semantics: never once the client has response bytes;
+    connect errors and 502/503/504 only when the request can be sent again, and
+    a request already (maybe) processed only when its method is idempotent."""
+    if response_started or not replayable:
+        return False
+    if error:
+        return True
+    return status in RETRY_STATUSES and method in IDEMPOTENT
+
+
+class ExchangeState(enum.Enum):
+    QUEUED = "queued"  # parsed, waiting behind an earlier pipelined request
+    ROUTING = "routing"
+    UPSTREAM = "upstream"  # talking to an upstream server
+    RESPONDING = "responding"  # response head sent to the client
+    DONE = "done"
+
+
+class Exchange:
+    """One request/response through the gateway."""
+
+    def __init__(
+        self, client: ClientProtocol, method: bytes, url: bytes, request_id: bytes
+    ) -> None:
+        self.client = client
+        self.method = method
+        self.url = url
+        self.request_id = request_id
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.chunked = False
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.user_agent = b""
+        self.error: GatewayError | None = None
+        self.state = ExchangeState.QUEUED
+        self.started = time.monotonic()
+        self.wall = time.time()
+        # Request body: received but not yet sent upstream, and a copy of what
+        # was sent to the current upstream (None once past the retry buffer).
+        self.body: deque[bytes] = deque()
+        self.buffered = 0
+        self.body_bytes = 0
+        self.body_complete = False
+        self.sent: list[bytes] | None = []
+        self.sent_bytes = 0
+        self.max_body: int | None = None
+        self.conn: UpstreamConnection | None = None
+        self.retry_allowed = False
+        self.discarding = False
+        self.framing = "length"
+        self.response_started = False
+        self.response_bytes = 0
+        self.status = 0
+        self.upstream_status = 0
+        self.upstream_addr = ""
+        self.upstream_time = 0.0
+        self.tries = 0
+        self.route_name = ""
+        self.cluster_name = ""
+        self._head: asyncio.Future[int] | None = None
+        self._done: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Exchange {self.method.decode()} {self.url[:60].decode(errors='replace')} "
+            f"{self.state.value} status={self.status} tries={self.tries}>"
+        )
+
+    @property
+    def head_only(self) -> bool:
+        return self.method == b"HEAD"
+
+    @property
+    def replayable(self) -> bool:
+        return self.sent is not None
+
+    # -- request body from the client --------------------------------------
+
+    def feed_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        if self.max_body is not None and self.body_bytes > self.max_body:
+            limits_mod.check_body_size(self.body_bytes, self.max_body)
+        if self.conn is not None and not self.discarding:
+            self._send_body(data)
+        elif self.state is not ExchangeState.DONE and not self.response_started:
+            self.body.append(data)
+            self.buffered += len(data)
+            if self.buffered > self.client.high_water:
+                self.client.pause_reading("buffer")
+        # Otherwise the response is already complete: the rest is discarded.
+
+    def body_done(self) -> None:
+        self.body_complete = True
+        if self.conn is not None and not self.discarding:
+            if self.chunked:
+                self.conn.write(LAST_CHUNK)
+            self.conn.request_sent()
+
+    def _send_body(self, data: bytes) -> None:
+        assert self.conn is not None
+        self.conn.write(chunk(data) if self.chunked else data)
+        if self.sent is not None:
+            self.sent_bytes += len(data)
+            if self.sent_bytes > self.client.ctx.config.retry_buffer_bytes:
+                self.sent = None
+            else:
+                self.sent.append(data)
+
+    def attach(self, conn: UpstreamConnection, head: bytes, read: float, send: float) -> None:
+        """Start one attempt on ``conn``: head, then the body buffered so far."""
+        loop = self.client.loop
+        self._head = loop.create_future()
+        self._done = loop.create_future()
+        self.discarding = False
+        self.conn = conn
+        if self.sent:
+            # A retry: what the previous upstream got is sent again first.
+            self.body.extendleft(reversed(self.sent))
+            self.buffered += self.sent_bytes
+        self.sent = []
+        self.sent_bytes = 0
+        conn.begin(self, head, head_only=self.head_only, read=read, send=send)
+        while self.body:
+            data = self.body.popleft()
+            self._send_body(data)
+        self.buffered = 0
+        self.client.resume_reading("buffer")
+        if self.body_complete:
+            if self.chunked:
+                conn.write(LAST_CHUNK)
+            conn.request_sent()
+        if self.client.write_paused:
+            conn.pause_reading()
+
+    def detach(self) -> None:
+        self.conn = None
+        self.client.resume_reading("upstream")
+
+    # -- ResponseSink: upstream callbacks ----------------------------------
+
+    def on_response_head(self, conn: UpstreamConnection) -> None:
+        status = conn.status
+        self.upstream_status = status
+        assert self._head is not None
+        if self.retry_allowed and should_retry(
+            error=False,
+            status=status,
+            method=self.method,
+            replayable=self.replayable,
+            response_started=self.response_started,
+        ):
+            # Swallow this response; the retry loop tries the next server.
+            self.discarding = True
+        else:
+            self._start_response(conn)
+        if not self._head.done():
+            self._head.set_result(status)
+
+    def _start_response(self, conn: UpstreamConnection) -> None:
+        status = conn.status
+        client = self.client
+        upgrade: bytes | None = None
+        if status == 101 and self.upgrade is not None:
+            upgrade = self.upgrade
+            for name, value in conn.headers:
+                if name.lower() == b"upgrade":
+                    upgrade = value
+            framing = "none"
+        elif self.head_only or status in (204, 304):
+            framing = "none"
+        elif conn.content_length is not None:
+            framing = "length"
+        elif not self.http10:
+            framing = "chunked"
+        else:
+            framing = "close"
+        if (
+            framing == "close"
+            or client.closing
+            or client.ctx.draining
+            or (self.upgrade is not None and upgrade is None)
+        ):
+            self.keep_alive = False
+        self.framing = framing
+        self.status = status
+        self.state = ExchangeState.RESPONDING
+        self.response_started = True
+        client.write(
+            client_response_head(
+                status,
+                conn.reason,
+                conn.headers,
+                framing=framing,
+                keep_alive=self.keep_alive,
+                request_id=self.request_id,
+                upgrade=upgrade,
+            )
+        )
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        self.response_bytes += len(data)
+        self.client.write(chunk(data) if self.framing == "chunked" else data)
+
+    def on_upgraded_data(self, data: bytes) -> None:
+        self.response_bytes += len(data)
+        self.client.write(data)
+
+    def on_response_complete(self, conn: UpstreamConnection) -> None:
+        if self.framing == "chunked" and not self.discarding:
+            self.client.write(LAST_CHUNK)
+        self.conn = None
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(UpstreamClosed("upstream ended without a response"))
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def on_upstream_error(self, conn: UpstreamConnection, exc: UpstreamError) -> None:
+        self.conn = None
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(exc)
+        elif self._done is not None and not self._done.done():
+            self._done.set_exception(exc)
+
+    def pause_request_body(self) -> None:
+        self.client.pause_reading("upstream")
+
+    def resume_request_body(self) -> None:
+        self.client.resume_reading("upstream")
+
+    def client_gone(self) -> None:
+        exc = ClientGone("client closed the connection")
+        for fut in (self._head, self._done):
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: nobody may be awaiting it any more
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+
+    async def wait_head(self) -> int:
+        assert self._head is not None
+        return await self._head
+
+    async def wait_done(self) -> None:
+        assert self._done is not None
+        await self._done
+
+
+class ClientProtocol(asyncio.Protocol):
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = "-"
+        self.parser = httptools.HttpRequestParser(self)
+        self.high_water = ctx.config.buffer_high_water
+        self.current: Exchange | None = None  # the exchange being answered
+        self.parsing: Exchange | None = None  # the exchange whose request is being read
+        self.pipeline: deque[Exchange] = deque()
+        self.closing = False
+        self.write_paused = False
+        self._paused: set[str] = set()
+        self._tunnel: Exchange | None = None
+        self._failed = False
+        # Request head being parsed.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        # Timers: one handle, re-armed on expiry (see _check_timers).
+        self._last_data = self.loop.time()
+        self._head_started = 0.0
+        self._write_paused_since = 0.0
+        self._idle_since = self._last_data
+        self._eof = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<ClientProtocol {self.client_ip} current={self.current!r} "
+            f"pipeline={len(self.pipeline)} paused={sorted(self._paused)} closing={self.closing}>"
+        )
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_ip = str(peer[0])
+        self.ctx.connections.add(self)
+        self.ctx.metrics.connections_active += 1
+        self.ctx.metrics.connections_total += 1
+        self._arm_timer(self.config.client_idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.ctx.connections.discard(self)
+        self.ctx.metrics.connections_active -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.current is not None:
+            self.current.client_gone()
+        self.pipeline.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        if self._tunnel is not None:
+            self._feed_tunnel(self._tunnel, data)
+            return
+        if self._failed:
+            return
+        if self._in_head or self.parsing is None:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._start_tunnel(data[upgrade.args[0] :])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, GatewayError):
+                self._fail(cause)
+            else:
+                log.exception("request parser callback failed", exc_info=cause)
+                self._fail(BadRequest("the request could not be processed"))
+        except httptools.HttpParserError as exc:
+            self._fail(BadRequest(f"malformed request: {exc}"))
+        else:
+            limit = self.config.limit_header_bytes + self.config.limit_url_bytes
+            if self._in_head and self._head_bytes > limit:
+                self._fail(HeadersTooLarge("request headers are too large"))
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still be reading its responses; keep writing
+        # until they are done, then close.
+        self._eof = True
+        return self.current is not None and self._tunnel is None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._write_paused_since = self.loop.time()
+        ex = self.current
+        if ex is not None and ex.conn is not None:
+            ex.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.current
+        if ex is not None and ex.conn is not None:
+            ex.conn.resume_reading()
+
+    # -- httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._head_started = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.config.limit_url_bytes:
+            raise URITooLong(f"request target is over {self.config.limit_url_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        if len(self._headers) > self.config.limit_header_count:
+            raise HeadersTooLarge(f"more than {self.config.limit_header_count} request headers")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        parser = self.parser
+        ex = Exchange(self, parser.get_method(), self._url, b"")
+        ex.headers = self._headers
+        ex.http10 = parser.get_http_version() == "1.0"
+        ex.keep_alive = parser.should_keep_alive() and not self.ctx.draining
+        request_id = b""
+        hosts = 0
+        for name, value in ex.headers:
+            lname = name.lower()
+            if lname == b"host":
+                hosts += 1
+                ex.host = value
+            elif lname == b"content-length":
+                ex.content_length = int(value)
+            elif lname == b"transfer-encoding":
+                ex.chunked = True
+            elif lname == b"expect":
+                if value.lower() != b"100-continue":
+                    ex.error = ExpectationFailed(f"unsupported Expect: {value[:100]!r}")
+                ex.expect_continue = True
+            elif lname == b"x-request-id":
+                if 0 < len(value) <= 200 and value.isascii():
+                    request_id = value
+            elif lname == b"user-agent":
+                ex.user_agent = value
+            elif lname == b"upgrade":
+                ex.upgrade = value
+        ex.request_id = request_id or self.ctx.next_request_id()
+        if ex.upgrade is not None and not parser.should_upgrade():
+            ex.upgrade = None
+        if hosts > 1:
+            ex.error = BadRequest("more than one Host header")
+        elif hosts == 0 and not ex.http10 and not ex.url.startswith(b"http"):
+            ex.error = BadRequest("HTTP/1.1 request without a Host header")
+        if ex.url[:1] != b"/" and ex.url != b"*":
+            self._absolute_form(ex)
+        self.parsing = ex
+        self._enqueue(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is not None:
+            if ex.upgrade is None:
+                self.parsing = None
+            ex.body_done()
+
+    # -- helpers ------------------------------------------------------------
+
+    def _absolute_form(self, ex: Exchange) -> None:
+        try:
+            parsed = httptools.parse_url(ex.url)
+        except httptools.HttpParserInvalidURLError:
+            ex.error = BadRequest("malformed request target")
+            return
+        if parsed.host:
+            ex.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
+        ex.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+
+    def _enqueue(self, ex: Exchange) -> None:
+        if self.current is None:
+            self._begin(ex)
+        else:
+            self.pipeline.append(ex)
+            if len(self.pipeline) >= self.config.limit_pipeline:
+                self.pause_reading("pipeline")
+
+    def _begin(self, ex: Exchange) -> None:
+        self.current = ex
+        self._task = self.loop.create_task(self._serve(ex))
+
+    def _fail(self, error: GatewayError) -> None:
+        """The byte stream cannot be parsed any further: answer in order, then close."""
+        self._failed = True
+        self._in_head = False
+        self.pause_reading("failed")
+        ex, self.parsing = self.parsing, None
+        if ex is None:
+            ex = Exchange(self, b"-", self._url[:200] or b"-", self.ctx.next_request_id())
+            ex.body_complete = True
+            ex.error = error
+            ex.keep_alive = False
+            self._enqueue(ex)
+            return
+        ex.keep_alive = False
+        if ex.response_started or ex.state is ExchangeState.DONE:
+            return  # the response goes on; the connection closes after it
+        ex.error = ex.error or error
+        conn = ex.conn
+        if conn is not None:
+            # Mid-body (a chunk-size error, a body over the limit): the attempt
+            # in progress cannot complete, and the client gets this error instead.
+            ex.on_upstream_error(conn, _ClientBodyFailed(error))
+            conn.abort()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and self.transport is not None and not self.closing:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Draining (ctx.draining is set): idle connections close now, busy ones
+        after their current response, which carries Connection: close."""
+        if self.current is None and self.parsing is None:
+            self.close()
+        else:
+            self.pause_reading("drain")
+
+    # -- upgrade tunnel -----------------------------------------------------
+
+    def _start_tunnel(self, rest: bytes) -> None:
+        ex = self.parsing
+        if ex is None:
+            self._fail(BadRequest("unexpected protocol upgrade"))
+            return
+        self._tunnel = ex
+        self.parsing = None
+        if rest:
+            self._feed_tunnel(ex, rest)
+
+    def _feed_tunnel(self, ex: Exchange, data: bytes) -> None:
+        ex.body_bytes += len(data)
+        conn = ex.conn
+        if conn is not None:
+            conn.write(data)
+        elif not ex.response_started:
+            ex.body.append(data)
+            ex.buffered += len(data)
+            if ex.buffered > self.high_water:
+                self.pause_reading("buffer")
+
+    # -- timers -------------------------------------------------------------
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._check_timers)
+
+    def _check_timers(self) -> None:
+        """One timer per connection, re-armed at the next deadline when it fires."""
+        self._timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        cfg = self.config
+        now = self.loop.time()
+        ex = self.current
+        if self._in_head:
+            due = self._head_started + cfg.client_header_timeout
+            if now >= due:
+                if self.current is None:
+                    self._fail(RequestTimeout("request headers were not received in time"))
+                else:
+                    self.close()
+                return
+        elif ex is None and self.parsing is None:
+            due = max(self._last_data, self._idle_since) + cfg.client_idle_timeout
+            if now >= due:
+                self.close()  # idle keep-alive: close silently, as nginx does
+                return
+        elif self._tunnel is not None:
+            due = now + cfg.client_idle_timeout  # tunnels are bounded by the upstream's read
+        elif self.write_paused:
+            due = self._write_paused_since + cfg.client_send_timeout
+            if now >= due:
+                log.info("client %s stopped reading its response; closing", self.client_ip)
+                self._abort_current()
+                return
+        elif self.parsing is not None and not self.parsing.body_complete and not self._paused:
+            due = self._last_data + cfg.client_body_timeout
+            if now >= due:
+                self._fail(RequestTimeout("request body was not received in time"))
+                return
+        else:
+            due = now + min(cfg.client_idle_timeout, cfg.client_body_timeout)
+        self._timer = self.loop.call_at(due, self._check_timers)
+
+    def _abort_current(self) -> None:
+        ex = self.current
+        if ex is not None:
+            ex.client_gone()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- serving one exchange ----------------------------------------------
+
+    async def _serve(self, ex: Exchange) -> None:
+        try:
+            await self._respond(ex)
+        except Exception:  # the gateway never crashes on one request
+            log.exception("request %s failed", ex.request_id.decode())
+            if not ex.response_started:
+                self._send_error(ex, GatewayError("internal gateway error"))
+            else:
+                self._abort_current()
+        finally:
+            self._finish(ex)
+
+    async def _respond(self, ex: Exchange) -> None:
+        ex.state = ExchangeState.ROUTING
+        if ex.error is not None:
+            self._send_error(ex, ex.error)
+            return
+        ctx = self.ctx
+        host = ex.host.decode("latin-1")
+        path = ex.url.decode("latin-1")
+        resolved = ctx.routes.table.resolve(host, path)
+        if resolved is None:
+            self._send_error(ex, RouteNotFound(f"no route for host {host!r}"), host=host)
+            return
+        route, cluster = resolved
+        ex.route_name = route.name
+        ex.cluster_name = cluster.name
+        lim = route.limits
+        acquired = False
+        try:
+            if lim.rate is not None:
+                key = self.client_ip if lim.rate_key == "ip" else ""
+                ctx.rate.check(route.name, key, lim.rate, lim.burst, self.loop.time())
+            if ex.content_length is not None:
+                limits_mod.check_body_size(ex.content_length, lim.max_body_size)
+            ex.max_body = lim.max_body_size
+            if ex.body_bytes and lim.max_body_size is not None:
+                limits_mod.check_body_size(ex.body_bytes, lim.max_body_size)
+            if lim.max_concurrent is not None:
+                ctx.concurrency.acquire(route.name, lim.max_concurrent)
+                acquired = True
+            if ex.expect_continue and not ex.body_complete and not ex.body_bytes:
+                self.write(CONTINUE)
+            await self._proxy(ex, route, cluster)
+        except GatewayError as exc:
+            if not ex.response_started:
+                self._send_error(ex, exc)
+            else:
+                self._abort_current()
+        except ClientGone:
+            ex.status = ex.status or CLIENT_CLOSED
+        finally:
+            if acquired:
+                ctx.concurrency.release(route.name)
+
+    async def _proxy(self, ex: Exchange, route: Route, cluster: Cluster) -> None:
+        timeouts = route.timeouts
+        if timeouts.total is None:
+            await self._attempts(ex, route, cluster)
+            return
+        try:
+            async with asyncio.timeout(timeouts.total):
+                await self._attempts(ex, route, cluster)
+        except TimeoutError:
+            if ex.conn is not None:
+                ex.conn.abort()
+                ex.conn = None
+            raise UpstreamTimeout(
+                f"request took over the route's total timeout of {timeouts.total:g}s"
+            ) from None
+
+    async def _attempts(self, ex: Exchange, route: Route, cluster: Cluster) -> None:
+        ctx = self.ctx
+        hash_key = self._hash_key(ex, route) if route.lb == "hash" else None
+        body_kind = (
+            "chunked" if ex.chunked else str(ex.content_length) if ex.content_length else "none"
+        )
+        head = upstream_request_head(
+            ex.method,
+            ex.url,
+            ex.headers,
+            host=ex.host,
+            client_ip=self.client_ip,
+            request_id=ex.request_id,
+            body=body_kind,
+            upgrade=ex.upgrade,
+        )
+        budget = self.loop.time() + route.try_timeout if route.try_timeout > 0 else None
+        tried: list[Server] = []
+        last: GatewayError | None = None
+        while len(tried) < route.tries:
+            server = cluster.pick(route, hash_key, tried)
+            if server is None:
+                break
+            tried.append(server)
+            ex.tries += 1
+            ex.upstream_addr = server.address
+            more = len(tried) < route.tries and (budget is None or self.loop.time() < budget)
+            ex.retry_allowed = more
+            cluster.on_request_start(server)
+            # Not the server's fault unless shown otherwise (client gone, cancelled).
+            ok, error = True, None
+            started = self.loop.time()
+            try:
+                status = await self._try(ex, route, server, head)
+                ok = status not in RETRY_STATUSES
+                error = None if ok else f"upstream answered {status}"
+                if not ex.discarding:
+                    ctx.metrics.observe_try(cluster.name, "ok" if ok else str(status))
+                    return
+                ctx.metrics.observe_try(cluster.name, str(status))
+                last = _status_error(status, server.address)
+            except _ClientBodyFailed as exc:
+                raise exc.cause from None
+            except UpstreamError as exc:
+                ok, error, last = False, exc.message, exc
+                ctx.metrics.observe_try(cluster.name, exc.code)
+                if not more or not should_retry(
+                    error=True,
+                    status=0,
+                    method=ex.method,
+                    replayable=ex.replayable,
+                    response_started=ex.response_started,
+                ):
+                    raise
+            except asyncio.CancelledError:
+                ok, error = False, "timed out (route total timeout)"
+                raise
+            finally:
+                ex.upstream_time += self.loop.time() - started
+                cluster.on_request_end(server, ok, error)
+            if not more:
+                break
+        if last is None:
+            raise NoServer(f"cluster {cluster.name!r} has no server to take the request")
+        raise last
+
+    async def _try(self, ex: Exchange, route: Route, server: Server, head: bytes) -> int:
+        """One attempt; returns the upstream status once the response is complete."""
+        t = route.timeouts
+        fresh = False
+        while True:
+            if ex.error is not None:
+                raise _ClientBodyFailed(ex.error)
+            ex.state = ExchangeState.UPSTREAM
+            conn = await self.ctx.pool.acquire(server.host, server.port, t.connect, fresh=fresh)
+            if self.transport is None or self.transport.is_closing():
+                self.ctx.pool.release(conn)
+                raise ClientGone("client closed the connection")
+            ex.attach(conn, head, t.read, t.send)
+            try:
+                status = await ex.wait_head()
+            except UpstreamClosed:
+                # A pooled connection the server had already closed: resend once
+                # on a new connection, which is not a failure of the server.
+                if conn.requests > 1 and not conn.received_any and ex.replayable and not fresh:
+                    ex.detach()
+                    fresh = True
+                    continue
+                ex.detach()
+                raise
+            except BaseException:
+                ex.detach()
+                raise
+            try:
+                await ex.wait_done()
+            finally:
+                ex.detach()
+            return status
+
+    def _hash_key(self, ex: Exchange, route: Route) -> bytes | None:
+        if route.hash_on == "ip":
+            return self.client_ip.encode()
+        if route.hash_on == "header":
+            wanted = route.hash_header.encode()
+            for name, value in ex.headers:
+                if name.lower() == wanted:
+                    return value
+            return None
+        return ex.url
+
+    def _send_error(self, ex: Exchange, error: GatewayError, host: str | None = None) -> None:
+        doc: dict[str, Any] = {"error": error.message, "status": error.status}
+        if host is not None:
+            doc["host"] = host
+        doc["request_id"] = ex.request_id.decode("latin-1")
+        body = json.dumps(doc).encode()
+        # A request whose body was not read cannot be followed by another one.
+        if not ex.body_complete or error.status in (400, 408, 413, 414, 431):
+            ex.keep_alive = False
+        lines = [
+            b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error")),
+            b"Content-Type: application/json\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"X-Request-Id: " + ex.request_id + b"\r\n",
+        ]
+        if error.retry_after is not None:
+            lines.append(b"Retry-After: %d\r\n" % error.retry_after)
+        if not ex.keep_alive or self.closing or self.ctx.draining:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        ex.status = error.status
+        ex.response_started = True
+        ex.response_bytes = 0 if ex.head_only else len(body)
+        self.write(b"".join(lines) + (b"" if ex.head_only else body))
+
+    def _finish(self, ex: Exchange) -> None:
+        ex.state = ExchangeState.DONE
+        if ex.status == 0:
+            ex.status = CLIENT_CLOSED
+        self._record(ex)
+        if self.current is ex:
+            self.current = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if (
+            self._tunnel is ex
+            or not ex.keep_alive
+            or self.closing
+            or not ex.body_complete
+            or self.ctx.draining
+            or (self._eof and not self.pipeline)
+        ):
+            self.close()
+            return
+        self._idle_since = self.loop.time()
+        if self.pipeline:
+            nxt = self.pipeline.popleft()
+            self.resume_reading("pipeline")
+            self._begin(nxt)
+        elif self._timer is None:
+            self._arm_timer(self.config.client_idle_timeout)
+
+    def _record(self, ex: Exchange) -> None:
+        elapsed = time.monotonic() - ex.started
+        route = ex.route_name or "-"
+        self.ctx.metrics.observe_request(
+            route, ex.status, elapsed, ex.body_bytes, ex.response_bytes
+        )
+        if self.ctx.access_log is None:
+            return
+        path = ex.url.decode("latin-1")
+        self.ctx.access_log.write(
+            {
+                "time": ex.wall,
+                "request_id": ex.request_id.decode("latin-1"),
+                "client_ip": self.client_ip,
+                "host": ex.host.decode("latin-1"),
+                "route": route,
+                "cluster": ex.cluster_name or "-",
+                "method": ex.method.decode("latin-1"),
+                "path": path,
+                "status": ex.status,
+                "upstream_addr": ex.upstream_addr or "-",
+                "upstream_status": ex.upstream_status or None,
+                "tries": ex.tries,
+                "request_bytes": ex.body_bytes,
+                "response_bytes": ex.response_bytes,
+                "request_time": round(elapsed * 1000, 3),
+                "upstream_time": round(ex.upstream_time * 1000, 3),
+                "user_agent": ex.user_agent.decode("latin-1"),
+            }
+        )
+
+
+class _ClientBodyFailed(UpstreamError):
+    """The attempt ended because the client's body was invalid, not the upstream."""
+
+    def __init__(self, cause: GatewayError) -> None:
+        super().__init__(cause.message)
+        self.status = cause.status
+        self.code = cause.code
+        self.cause = cause
+
+
+def _status_error(status: int, address: str) -> GatewayError:
+    if status == 504:
+        return UpstreamTimeout(f"upstream {address} answered 504")
+    if status == 503:
+        exc: GatewayError = UpstreamError(f"upstream {address} answered 503")
+        exc.status = 503
+        return exc
+    return UpstreamError(f"upstream {address} answered {status}")
+
+
+_REASONS = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
