@@ -17,5 +17,9 @@ def build_components(config: ControlPlaneConfig, self_url: str) -> list[Componen
         from berth.store.server import StoreServer
 
         components.append(StoreServer(StoreConfig(data_dir=config.data_dir / "store")))
-    del store_url  # used by the scheduler once it is registered here
+    from berth.scheduler.api import SchedulerComponent
+    from berth.scheduler.config import SchedulerConfig
+
+    scheduler_config = SchedulerConfig.model_validate({"data_dir": config.data_dir / "scheduler"})
+    components.append(SchedulerComponent(scheduler_config, store_url, config.token))
     return components
