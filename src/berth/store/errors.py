@@ -26,3 +26,38 @@ class StoreRejected(StoreError, ValueError):
 
 class PermissionDenied(StoreRejected, PermissionError):
     pass
+
+
+# -- raised by the embedded store while serving a request -------------------------
+# The HTTP layer turns each into its status code and a plain-text message, the
+# way Consul answers; nothing is applied when one is raised.
+
+
+class RequestError(StoreError):
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(RequestError, ValueError):
+    status = 400
+
+
+class NotFound(RequestError, LookupError):
+    status = 404
+
+
+class MethodNotAllowed(RequestError):
+    status = 405
+
+
+class PayloadTooLarge(RequestError, ValueError):
+    status = 413
+
+
+class InvalidState(RequestError, RuntimeError):
+    """Consul answers 500 for these: an unknown session on acquire, TTL on a non-TTL check."""
+
+    status = 500
