@@ -9,6 +9,7 @@ before a single pixel is decoded.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -64,6 +65,8 @@ MULTI_PAGE = {GIF, WEBP, TIFF, AVIF, HEIC}
 def init_vips(concurrency: int = 1) -> None:
     """Process-wide libvips settings for a server of untrusted uploads."""
     pyvips.block_untrusted_set(True)
+    # libvips' debug chatter arrives as INFO records of the "pyvips" logger.
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
     # Every upload is new: the operation cache would only hold memory.
     pyvips.cache_set_max(0)
     # One libvips thread per request: the pool already keeps every core busy,

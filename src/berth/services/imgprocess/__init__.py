@@ -1,0 +1,1 @@
+"""imgprocess: UPYUN-style image processing on libvips."""

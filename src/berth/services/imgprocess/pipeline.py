@@ -1,0 +1,359 @@
+"""Running a :class:`Plan` on an image with pyvips.
+
+Order, whatever order the parameters came in: load (shrinking on load when
+the plan allows) -> sRGB -> auto-orient -> crop -> resize -> clip -> rotate ->
+flip -> blur -> sharpen -> round corners -> border -> canvas -> watermarks ->
+save. Animations are processed frame by frame and joined again, so every
+geometric operation means the same on a GIF as on a JPEG.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyvips
+
+from berth.services.config import ImgProcessConfig
+from berth.services.errors import BadRequest
+from berth.services.imaging import (
+    AVIF,
+    GIF,
+    JPEG,
+    PNG,
+    SVG,
+    WEBP,
+    Format,
+    Probe,
+    kill_after,
+    probe,
+    vips_errors,
+)
+from berth.services.imgprocess import geometry
+from berth.services.imgprocess.negotiate import choose
+from berth.services.imgprocess.params import FONTS, RGBA, Plan, Watermark
+
+WatermarkLoader = Callable[[str], pyvips.Image]
+
+
+@dataclass(frozen=True)
+class Output:
+    body: bytes
+    format: Format
+    width: int
+    height: int  # of one frame
+    frames: int
+    vary_accept: bool
+
+
+# --- colour -------------------------------------------------------------------------------
+
+
+def to_srgb(image: pyvips.Image, honour_icc: bool) -> pyvips.Image:
+    """8-bit sRGB (plus alpha), with the embedded profile applied unless told not to."""
+    has_icc = image.get_typeof("icc-profile-data") != 0
+    if has_icc and honour_icc:
+        image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+    elif image.interpretation == "cmyk":
+        # No profile: libvips' built-in CMYK profile is a better guess than raw numbers.
+        image = image.icc_transform("srgb", input_profile="cmyk", intent="perceptual")
+    if image.interpretation != "srgb" or image.format != "uchar":
+        image = image.colourspace("srgb")
+    if image.format != "uchar":
+        image = image.cast("uchar")
+    if has_icc:
+        # The pixels are sRGB now; the old profile would make viewers convert twice.
+        image = image.copy()
+        image.remove("icc-profile-data")
+    return image
+
+
+def fill(image: pyvips.Image, rgba: RGBA) -> list[float]:
+    """A background value for ``image``'s bands from an RGBA colour."""
+    return [float(v) for v in rgba] if image.hasalpha() else [float(v) for v in rgba[:3]]
+
+
+def with_alpha(image: pyvips.Image) -> pyvips.Image:
+    return image if image.hasalpha() else image.bandjoin(255)
+
+
+def needs_alpha(rgba: RGBA) -> bool:
+    return rgba[3] < 255
+
+
+# --- operations on one frame --------------------------------------------------------------
+
+
+def rounded_mask(width: int, height: int, radius: int) -> pyvips.Image:
+    """Anti-aliased alpha mask of a rounded rectangle (signed distance, 1 px ramp)."""
+    r = min(radius, width // 2, height // 2)
+    xyz = pyvips.Image.xyz(width, height)
+    x, y = xyz[0] + 0.5, xyz[1] + 0.5
+    qx = (x - width / 2).abs() - (width / 2 - r)
+    qy = (y - height / 2).abs() - (height / 2 - r)
+    qx = (qx > 0).ifthenelse(qx, 0)
+    qy = (qy > 0).ifthenelse(qy, 0)
+    distance = (qx * qx + qy * qy) ** 0.5 - r
+    alpha = (0.5 - distance) * 255
+    return (alpha > 255).ifthenelse(255, (alpha < 0).ifthenelse(0, alpha)).cast("uchar")
+
+
+def gaussblur(image: pyvips.Image, radius: int, sigma: int) -> pyvips.Image:
+    # UPYUN gives a radius; libvips sizes the mask from min_ampl, the value of
+    # the Gaussian at its edge, so pick the min_ampl that ends it at `radius`.
+    min_ampl = 0.2
+    if radius > 0:
+        min_ampl = min(0.5, max(0.001, math.exp(-(radius**2) / (2 * sigma**2))))
+    return image.gaussblur(sigma, min_ampl=min_ampl)
+
+
+def text_overlay(wm: Watermark) -> pyvips.Image:
+    family = FONTS[wm.font]
+    # Pango markup is interpreted by libvips: escape so text is only text.
+    mask = pyvips.Image.text(html.escape(wm.source), font=f"{family} {wm.size}", dpi=72)
+    pad = 2 if wm.border is not None else 0
+    mask = mask.embed(pad, pad, mask.width + 2 * pad, mask.height + 2 * pad)
+    r, g, b, a = wm.color
+    layer = mask.new_from_image([r, g, b]).copy(interpretation="srgb")
+    layer = layer.bandjoin((mask * (a / 255)).cast("uchar"))
+    if wm.border is not None and wm.border[3] > 0:
+        kernel = pyvips.Image.new_from_array([[255] * 5] * 5)
+        outline_mask = mask.morph(kernel, "dilate")
+        br, bg, bb, ba = wm.border
+        outline = outline_mask.new_from_image([br, bg, bb]).copy(interpretation="srgb")
+        outline = outline.bandjoin((outline_mask * (ba / 255)).cast("uchar"))
+        layer = outline.composite2(layer, "over")
+    return layer
+
+
+def prepare_watermark(wm: Watermark, base_w: int, base_h: int, load: WatermarkLoader) -> Any:
+    overlay = text_overlay(wm) if wm.kind == "text" else with_alpha(load(wm.source))
+    if wm.kind == "image" and wm.percent > 0:
+        factor = wm.percent / 100 * min(base_w, base_h) / min(overlay.width, overlay.height)
+        overlay = overlay.resize(factor)
+    if wm.opacity < 100:
+        overlay = overlay[:-1].bandjoin((overlay[-1] * (wm.opacity / 100)).cast("uchar"))
+    return overlay
+
+
+def place_watermark(image: pyvips.Image, overlay: pyvips.Image, wm: Watermark) -> pyvips.Image:
+    opaque = not image.hasalpha()
+    mx, my = wm.margin
+    if wm.repeat:
+        tile = overlay.embed(0, 0, overlay.width + mx, overlay.height + my)
+        across = image.width // tile.width + 1
+        down = image.height // tile.height + 1
+        overlay = tile.replicate(across, down).crop(0, 0, image.width, image.height)
+        x = y = 0
+    else:
+        x, y = geometry.anchor(
+            wm.align, (image.width, image.height), (overlay.width, overlay.height)
+        )
+        x += mx if wm.align.endswith("west") else -mx if wm.align.endswith("east") else 0
+        y += my if wm.align.startswith("north") else -my if wm.align.startswith("south") else 0
+    out = image.composite2(overlay, "over", x=x, y=y)
+    return out[:3] if opaque else out
+
+
+@dataclass
+class FrameOps:
+    """The geometric part of a plan, applied the same way to every frame."""
+
+    plan: Plan
+    config: ImgProcessConfig
+    load_watermark: WatermarkLoader
+    animated: bool
+    _overlays: list[pyvips.Image] | None = None
+
+    def apply(self, image: pyvips.Image, target: geometry.Target | None) -> pyvips.Image:
+        plan = self.plan
+        limit = self.config.limit_output_side
+        if plan.crop is not None:
+            left, top, w, h = geometry.region_box(plan.crop, image.width, image.height, "crop")
+            image = image.extract_area(left, top, w, h)
+            if plan.resize is not None:
+                target = geometry.resize_target(plan.resize, plan.force, w, h)
+        if target is not None:
+            geometry.check_output(target.width, target.height, limit, plan.resize_key)
+            if target.fit == "cover":
+                image = image.thumbnail_image(
+                    target.width, height=target.height, crop="centre", no_rotate=True
+                )
+            else:
+                image = image.thumbnail_image(
+                    target.width, height=target.height, size="force", no_rotate=True
+                )
+        if plan.clip is not None:
+            left, top, w, h = geometry.region_box(plan.clip, image.width, image.height, "clip")
+            image = image.extract_area(left, top, w, h)
+        if plan.rotate is not None:
+            if plan.rotate % 90 == 0:
+                image = image.rot(f"d{plan.rotate}")
+            else:
+                image = with_alpha(image).rotate(plan.rotate, background=[255, 255, 255, 0])
+        if plan.flip is not None:
+            image = image.flip(plan.flip)
+        if plan.gaussblur is not None:
+            image = gaussblur(image, *plan.gaussblur)
+        if plan.unsharp:
+            image = image.sharpen()
+        if plan.roundrect is not None:
+            mask = rounded_mask(image.width, image.height, plan.roundrect)
+            if image.hasalpha():
+                alpha = (image[-1] * mask / 255).cast("uchar")
+                image = image[:-1].bandjoin(alpha)
+            else:
+                image = image.bandjoin(mask)
+        if plan.border is not None:
+            bw, bh = plan.border
+            geometry.check_output(image.width + 2 * bw, image.height + 2 * bh, limit, "border")
+            if needs_alpha(plan.brdcolor):
+                image = with_alpha(image)
+            image = image.embed(
+                bw,
+                bh,
+                image.width + 2 * bw,
+                image.height + 2 * bh,
+                extend="background",
+                background=fill(image, plan.brdcolor),
+            )
+        if plan.canvas is not None:
+            c = plan.canvas
+            x = (c.width - image.width) // 2 if c.x is None else c.x
+            y = (c.height - image.height) // 2 if c.y is None else c.y
+            if needs_alpha(plan.cvscolor):
+                image = with_alpha(image)
+            image = image.embed(
+                x,
+                y,
+                c.width,
+                c.height,
+                extend="background",
+                background=fill(image, plan.cvscolor),
+            )
+        for wm, overlay in zip(self.plan.watermarks, self._prepared(image), strict=True):
+            if overlay is not None:
+                image = place_watermark(image, overlay, wm)
+        return image
+
+    def _prepared(self, image: pyvips.Image) -> list[pyvips.Image | None]:
+        # Frames share a size, so watermarks are rendered once per request.
+        if self._overlays is None:
+            self._overlays = [
+                None
+                if self.animated and not wm.animate
+                else prepare_watermark(wm, image.width, image.height, self.load_watermark)
+                for wm in self.plan.watermarks
+            ]
+        return self._overlays
+
+
+# --- load, run, save ----------------------------------------------------------------------
+
+
+def needs_random_access(plan: Plan, found: Probe) -> bool:
+    """Sequential decoding keeps memory flat, but only for top-to-bottom pipelines."""
+    turns = plan.autoorient and found.orientation >= 3
+    return turns or plan.rotate is not None or plan.flip == "vertical" or found.frames > 1
+
+
+def load(data: bytes, found: Probe, plan: Plan, animated: bool) -> tuple[Any, Any]:
+    """The decoded (lazy) image and the resize target, shrinking on load where possible."""
+    oriented = plan.autoorient and not animated
+    width, height = found.oriented_size if oriented else (found.width, found.height)
+    target = None
+    if plan.resize is not None and plan.crop is None:
+        target = geometry.resize_target(plan.resize, plan.force, width, height)
+    options: dict[str, Any] = {"fail_on": "truncated"}
+    options["access"] = "random" if needs_random_access(plan, found) else "sequential"
+    if animated:
+        options["n"] = -1
+    if target is not None and found.format is JPEG:
+        shrink = geometry.jpeg_shrink(width, height, target)
+        if shrink > 1:
+            options["shrink"] = shrink
+    elif target is not None and found.format in (WEBP, SVG):
+        factor = max(target.width / width, target.height / height)
+        if found.format is SVG or factor < 1:
+            options["scale"] = factor
+    return pyvips.Image.new_from_buffer(data, "", **options), target
+
+
+def save(image: pyvips.Image, fmt: Format, plan: Plan, quality: int) -> bytes:
+    if plan.exifswitch:
+        keep = "exif"
+    elif plan.strip:
+        keep = "none"
+    else:
+        keep = "exif:xmp:iptc:other"
+    q = plan.quality or quality
+    if fmt is JPEG:
+        if image.hasalpha():
+            image = image.flatten(background=[255, 255, 255])
+        return bytes(
+            image.jpegsave_buffer(
+                Q=q, interlace=plan.progressive, optimize_coding=plan.compress, keep=keep
+            )
+        )
+    if fmt is PNG:
+        compression = 9 if plan.compress else 6
+        return bytes(
+            image.pngsave_buffer(compression=compression, interlace=plan.progressive, keep=keep)
+        )
+    if fmt is WEBP:
+        return bytes(image.webpsave_buffer(Q=q, lossless=plan.lossless, keep=keep))
+    if fmt is AVIF:
+        return bytes(
+            image.heifsave_buffer(
+                Q=q, lossless=plan.lossless, compression="av1", effort=2, keep=keep
+            )
+        )
+    assert fmt is GIF
+    return bytes(image.gifsave_buffer(keep=keep))
+
+
+def process(
+    data: bytes,
+    plan: Plan,
+    accept: str | None,
+    config: ImgProcessConfig,
+    load_watermark: WatermarkLoader,
+) -> Output:
+    with vips_errors("cannot process image"):
+        found = probe(data, config)
+        animated_in = found.frames > 1 and found.format in (GIF, WEBP)
+        has_alpha = bool(found.image.hasalpha())
+        fmt, vary = choose(
+            plan.format, accept, found.format, has_alpha, animated_in and plan.keeps_animation
+        )
+        animated = animated_in and plan.keeps_animation and fmt in (GIF, WEBP)
+        image, target = load(data, found, plan, animated)
+        image = to_srgb(image, honour_icc=not plan.noicc)
+        if plan.autoorient and not animated:
+            image = image.autorot()
+        ops = FrameOps(plan, config, load_watermark, animated)
+        if animated:
+            page = found.height
+            frames = [image.crop(0, i * page, image.width, page) for i in range(found.frames)]
+            done = [ops.apply(frame, target) for frame in frames]
+            image = pyvips.Image.arrayjoin(done, across=1).copy()
+            image.set_type(pyvips.GValue.gint_type, "page-height", done[0].height)
+            out_height, out_frames = done[0].height, len(done)
+        else:
+            image = ops.apply(image, target)
+            out_height, out_frames = image.height, 1
+        geometry.check_output(image.width, out_height, config.limit_output_side, "result")
+        kill_after(image, config.timeout_processing)
+        body = save(image, fmt, plan, config.quality_default)
+    return Output(body, fmt, image.width, out_height, out_frames, vary)
+
+
+def check_watermark_path(path: str) -> str:
+    """A watermark path relative to the watermark directory; no escaping it."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise BadRequest(f"watermark url {path!r} is not a path inside the watermark directory")
+    return "/".join(parts)
