@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -77,6 +78,7 @@ class ProxyContext:
     )
     connections: set[ClientProtocol] = field(default_factory=set)
     draining: bool = False
+    on_idle: Callable[[], None] | None = None  # called when the last connection closes
     # Request ids: random per worker, then a counter (unique without a uuid per request).
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _id_counter: int = 0
@@ -407,6 +409,8 @@ class ClientProtocol(asyncio.Protocol):
         if self.current is not None:
             self.current.client_gone()
         self.pipeline.clear()
+        if not self.ctx.connections and self.ctx.on_idle is not None:
+            self.ctx.on_idle()
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self.loop.time()
@@ -669,6 +673,9 @@ class ClientProtocol(asyncio.Protocol):
         else:
             due = now + min(cfg.client_idle_timeout, cfg.client_body_timeout)
         self._timer = self.loop.call_at(due, self._check_timers)
+
+    def abort(self) -> None:
+        self._abort_current()
 
     def _abort_current(self) -> None:
         ex = self.current

@@ -1,0 +1,94 @@
+"""Proxying through a real gateway to real upstream servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from berth.gateway.routes import Route
+from tests.gateway.conftest import read_response
+
+
+async def test_routes_by_host_and_passes_headers(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    b = await upstreams("b")
+    gw = await make_gateway()
+    gw.routes.set(
+        [Route("img.example.com", "/", "ca"), Route("*.example.com", "/", "cb")],
+        {"ca": [("127.0.0.1", a.port)], "cb": [("127.0.0.1", b.port)]},
+    )
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        r = await client.get("/x?q=1", headers={"Host": "IMG.example.com:3130"})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["upstream"] == "a"
+        assert doc["path"] == "/x" and doc["query"] == "q=1"
+        h = doc["headers"]
+        assert h["host"] == "IMG.example.com:3130"
+        assert h["x-forwarded-for"] == "127.0.0.1"
+        assert h["x-forwarded-proto"] == "http"
+        assert h["x-forwarded-host"] == "IMG.example.com:3130"
+        assert r.headers["x-request-id"] == h["x-request-id"]
+        r = await client.get("/", headers={"Host": "other.example.com"})
+        assert r.json()["upstream"] == "b"
+        # The cluster's own name routes to it without a route (Slardar's rule).
+        r = await client.get("/", headers={"Host": "ca"})
+        assert r.json()["upstream"] == "a"
+        r = await client.get("/", headers={"Host": "nobody.test", "X-Request-Id": "abc-1"})
+        assert r.status_code == 404
+        assert r.json() == {
+            "error": "no route for host 'nobody.test'",
+            "status": 404,
+            "host": "nobody.test",
+            "request_id": "abc-1",
+        }
+
+
+async def test_hop_by_hop_headers_removed_and_request_id_kept(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    gw = await make_gateway()
+    gw.routes.set([], {"svc": [("127.0.0.1", a.port)]})
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        r = await client.get(
+            "/",
+            headers={
+                "Host": "svc",
+                "Connection": "keep-alive, X-Secret",
+                "X-Secret": "1",
+                "Keep-Alive": "timeout=5",
+                "TE": "trailers",
+                "X-Forwarded-For": "10.0.0.1",
+                "X-Request-Id": "req-42",
+            },
+        )
+    h = r.json()["headers"]
+    for name in ("x-secret", "keep-alive", "te"):
+        assert name not in h
+    assert h["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
+    assert h["x-request-id"] == "req-42"
+    assert r.headers["x-request-id"] == "req-42"
+
+
+async def test_keepalive_and_pipelining_in_order(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    gw = await make_gateway()
+    gw.routes.set([], {"svc": [("127.0.0.1", a.port)]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    # The first request is slow: the second must still be answered after it.
+    writer.write(
+        b"GET /sleep/0.2 HTTP/1.1\r\nHost: svc\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: svc\r\n\r\n"
+        b"POST /third HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    paths = []
+    for _ in range(3):
+        status, _, body = await read_response(reader)
+        assert status == 200
+        paths.append(json.loads(body)["path"])
+    assert paths == ["/sleep/0.2", "/second", "/third"]
+    writer.close()
+    # Upstream connections were reused, not one per request.
+    assert gw.server.ctx is not None
+    assert gw.server.ctx.pool.opened <= 2
