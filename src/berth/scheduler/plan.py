@@ -94,9 +94,11 @@ def plan_app(target: Target | None, tasks: Sequence[Task], *, launch_allowed: bo
 
     want = max(0, n - len(new))
     if old:
-        # Over capacity allowed while replacing; at least one extra so that
-        # minimumHealthCapacity=1 with maximumOverCapacity=0 still makes progress.
-        max_total = max(n + math.floor(n * target.maximum_over_capacity), n + 1)
+        # Over capacity allowed while replacing; one extra when minimumHealthCapacity=1
+        # and maximumOverCapacity=0, which could otherwise never make progress.
+        max_total = n + math.floor(n * target.maximum_over_capacity)
+        if max_total == n and math.ceil(n * target.minimum_health_capacity) >= n:
+            max_total += 1
         want = min(want, max(0, max_total - len(old) - len(new)))
     start = want if launch_allowed else 0
     converged = not old and len(new) == n and healthy_new == n and not kill

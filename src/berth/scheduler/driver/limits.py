@@ -143,8 +143,10 @@ class Limiter:
         if self.kind == "cgroup-v1":
             mem_dir = self._parents["memory"] / task_id
             cpu_dir = self._parents["cpu"] / task_id
-            mem_dir.mkdir(exist_ok=True)
-            cpu_dir.mkdir(exist_ok=True)
+            # parents=True: another scheduler sharing this cgroup may have just removed
+            # the (then empty) berth/ parent on its way out.
+            mem_dir.mkdir(parents=True, exist_ok=True)
+            cpu_dir.mkdir(parents=True, exist_ok=True)
             if mem is not None:
                 _write(mem_dir / "memory.limit_in_bytes", str(mem))
                 # memsw = mem means no swap beyond the limit, as Docker's --memory alone.

@@ -3,9 +3,10 @@
 Design (orphans and restarts): tasks die with the control plane. Every task is
 started in its own session/process group with ``PR_SET_PDEATHSIG=SIGKILL``, so
 if the control plane is killed (even by SIGKILL) the kernel kills the task
-leader; on the next start the scheduler reaps whatever a leader left behind
-(any process carrying a stored task's ``MESOS_TASK_ID``) and starts fresh
-tasks. Re-adopting live tasks instead was rejected: a task's stdout/stderr
+leader, and the reaper sidecar (``reaper.py``) kills the rest of each task
+(``sh -c`` forks the real program, which PDEATHSIG does not reach). On the
+next start the scheduler reaps anything still carrying a stored task's
+``MESOS_TASK_ID`` and starts fresh tasks. Re-adopting live tasks instead was rejected: a task's stdout/stderr
 pipe runs through the control plane (that is how the json-file logs are
 written), so a task outliving it would write into a closed pipe, unsupervised
 and unlogged, until someone restarted berth. ``berth up`` relies on this: after
@@ -22,8 +23,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
@@ -137,6 +139,9 @@ class ProcessTask:
     async def wait(self) -> Exit:
         return await asyncio.shield(self._exit)
 
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        self._exit.add_done_callback(lambda _: callback())
+
     async def stop(self, grace_seconds: float) -> Exit:
         """SIGTERM to the task's process group, the grace period, then SIGKILL."""
         self._stopping = True
@@ -148,6 +153,55 @@ class ProcessTask:
             except TimeoutError:
                 self._signal_all(signal.SIGKILL)
         return await self.wait()
+
+
+REAPER = Path(__file__).with_name("reaper.py")
+
+
+class Reaper:
+    """The control plane's end of the reaper sidecar's stdin pipe."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Reaper pid={self._proc.pid if self._proc else None}>"
+
+    def _send(self, line: str) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                [sys.executable, str(REAPER)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(line.encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError as exc:
+            log.warning("reaper sidecar unavailable (%s); tasks may outlive a crash", exc)
+
+    def add(self, task_id: str, pgid: int, procs_files: tuple[str, ...]) -> None:
+        self._send(" ".join(["add", task_id, str(pgid), *procs_files]))
+
+    def remove(self, task_id: str) -> None:
+        if self._proc is not None:
+            self._send(f"del {task_id}")
+
+    def close(self) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
 
 
 class ProcessDriver:
@@ -162,6 +216,7 @@ class ProcessDriver:
         self.limiter = limiter
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
+        self.reaper = Reaper()
 
     def __repr__(self) -> str:
         return f"<ProcessDriver limits={self.limiter.kind} sandboxes={self.sandbox_dir}>"
@@ -205,7 +260,10 @@ class ProcessDriver:
             self.limiter.release(spec.task_id)
             shutil.rmtree(sandbox, ignore_errors=True)
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc}") from exc
-        return ProcessTask(spec, proc, self.limiter, prepared.kind, tasklog, sandbox)
+        self.reaper.add(spec.task_id, proc.pid, prepared.procs_files)
+        task = ProcessTask(spec, proc, self.limiter, prepared.kind, tasklog, sandbox)
+        task.on_exit(lambda: self.reaper.remove(spec.task_id))
+        return task
 
     def reap_orphans(self, tasks: Mapping[str, tuple[int | None, float | None]]) -> int:
         """Kill every process that belongs to one of ``tasks`` (left by a dead control plane).
@@ -236,4 +294,5 @@ class ProcessDriver:
         return killed
 
     def close(self) -> None:
+        self.reaper.close()
         self.limiter.close()

@@ -1,0 +1,1 @@
+"""berth.scheduler: Marathon API subset and the local process driver."""
