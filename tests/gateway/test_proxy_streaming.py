@@ -1,0 +1,164 @@
+"""Bodies through the gateway: chunked both ways, 100-continue, large bodies, WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import json
+
+import httpx
+import psutil
+import pytest
+import websockets
+
+from berth.gateway.routes import Route
+from tests.gateway.conftest import read_response
+
+
+async def _gw(make_gateway, upstreams, **config):
+    a = await upstreams("a")
+    gw = await make_gateway(**config)
+    gw.routes.set([], {"svc": [("127.0.0.1", a.port)]})
+    return gw, a
+
+
+async def test_chunked_request_and_response(make_gateway, upstreams) -> None:
+    gw, _ = await _gw(make_gateway, upstreams)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
+    )
+    status, headers, body = await read_response(reader)
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["body_size"] == 11
+    assert doc["body_sha256"] == hashlib.sha256(b"hello world").hexdigest()
+    assert doc["headers"]["transfer-encoding"] == "chunked"
+    # An upstream response without Content-Length is re-chunked to the client.
+    writer.write(b"GET /chunks/5 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert headers["transfer-encoding"] == "chunked"
+    assert body == b"".join(f"chunk-{i};".encode() for i in range(5))
+    writer.close()
+
+
+async def test_http10_client_gets_close_delimited_body(make_gateway, upstreams) -> None:
+    gw, _ = await _gw(make_gateway, upstreams)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /chunks/3 HTTP/1.0\r\nHost: svc\r\n\r\n")
+    data = await reader.read(-1)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert b"Connection: close" in head
+    assert body == b"chunk-0;chunk-1;chunk-2;"
+    writer.close()
+
+
+async def test_expect_100_continue(make_gateway, upstreams) -> None:
+    gw, _ = await _gw(make_gateway, upstreams)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"PUT /f HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    status, _, _ = await read_response(reader)
+    assert status == 100
+    writer.write(b"data")
+    status, _, body = await read_response(reader)
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["body_size"] == 4 and "expect" not in doc["headers"]
+    writer.close()
+
+
+async def test_expect_100_continue_rejected_early(make_gateway, upstreams) -> None:
+    gw, _ = await _gw(make_gateway, upstreams)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    # 404 before any body is sent: no 100, the error, and the connection closes.
+    writer.write(
+        b"PUT /f HTTP/1.1\r\nHost: nobody\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    status, headers, _ = await read_response(reader)
+    assert status == 404 and headers["connection"] == "close"
+    assert await reader.read(-1) == b""
+    writer.close()
+
+
+async def test_download_and_upload_with_httpx(make_gateway, upstreams) -> None:
+    gw, _ = await _gw(make_gateway, upstreams)
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+        r = await client.get("/bytes/3000000")
+        assert r.status_code == 200 and len(r.content) == 3_000_000
+        payload = bytes(range(256)) * 8000
+        r = await client.post("/echo", content=payload)
+        assert r.content == payload
+        r = await client.head("/bytes/1000")
+        assert r.status_code == 200 and r.content == b""
+        assert r.headers["content-length"] == "1000"
+        # The connection is still usable after a HEAD whose headers announce a body.
+        r = await client.get("/x")
+        assert r.json()["path"] == "/x"
+
+
+@pytest.mark.slow
+async def test_100mb_body_streams_with_bounded_memory(make_gateway, upstreams) -> None:
+    gw, _ = await _gw(make_gateway, upstreams)
+    proc = psutil.Process()
+    gc.collect()
+    before = proc.memory_info().rss
+    block = b"z" * (1 << 20)
+    digest = hashlib.sha256()
+
+    async def body():
+        for _ in range(100):
+            digest.update(block)
+            yield block
+
+    peak = 0
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}, timeout=60) as client:
+        r = await client.put("/upload", content=body())
+        assert r.status_code == 200
+        doc = r.json()
+        assert doc["body_size"] == 100 << 20
+        assert doc["body_sha256"] == digest.hexdigest()
+        peak = max(peak, proc.memory_info().rss - before)
+        # And down: 100 MB from the upstream, read as a stream.
+        got = 0
+        async with client.stream("GET", "/bytes/104857600") as resp:
+            async for data in resp.aiter_raw():
+                got += len(data)
+                peak = max(peak, proc.memory_info().rss - before)
+        assert got == 100 << 20
+    # Client, gateway and upstream share this process: all of them together
+    # stay far below the 100 MB that buffering one body would cost.
+    assert peak < 40 << 20, f"RSS grew by {peak >> 20} MiB"
+
+
+async def test_slow_client_reading_pauses_upstream(make_gateway, upstreams) -> None:
+    gw, _ = await _gw(make_gateway, upstreams, buffer_high_water=65536)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, limit=65536)
+    writer.transport.set_write_buffer_limits(0)
+    writer.write(b"GET /bytes/30000000 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    # Read nothing for a moment: the gateway must stop reading from the upstream
+    # instead of buffering the body.
+    await asyncio.sleep(0.5)
+    ctx = gw.server.ctx
+    assert ctx is not None
+    (conn,) = ctx.connections
+    assert conn.write_paused
+    assert conn.transport.get_write_buffer_size() < 8 << 20
+    status, _, body = await read_response(reader)
+    assert status == 200 and len(body) == 30_000_000
+    writer.close()
+
+
+async def test_websocket_passthrough(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    gw = await make_gateway()
+    gw.routes.set([Route("127.0.0.1", "/", "svc")], {"svc": [("127.0.0.1", a.port)]})
+    async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws") as ws:
+        await ws.send("hi")
+        assert await ws.recv() == "a:hi"
+        await ws.send(b"\x00\x01" * 50000)
+        assert await ws.recv() == b"\x00\x01" * 50000
