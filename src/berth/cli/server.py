@@ -37,7 +37,7 @@ async def _serve(cfg: ControlPlaneConfig) -> None:
         raise click.ClickException(f"{exc.strerror} (choose another with --port)") from None
     await srv.start()
     log.info("control plane listening on %s (data in %s)", srv.url, cfg.data_dir)
-    await run_until_signal(srv.request_exit, srv.stop)
+    await run_until_signal(srv.request_exit, srv.wait_stopped)
 
 
 commands: list[click.Command] = [server]

@@ -75,5 +75,8 @@ class ControlPlaneServer:
         self._server.should_exit = True
         await self._task
 
+    async def wait_stopped(self) -> None:
+        await self._task
+
     def request_exit(self) -> None:
         self._server.should_exit = True
