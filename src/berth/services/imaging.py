@@ -2,9 +2,10 @@
 they are opened safely, and how libvips errors become berth errors.
 
 Only the loaders listed in ``LOADERS`` are used; anything else libvips could
-open (CSV, matrix, raw .vips files...) is "not an image" to us. Headers are read
-first and checked against the limits, so a decompression bomb is refused
-before a single pixel is decoded.
+open (CSV, matrix, raw .vips files...) is "not an image" to us. SVG is refused
+too: libvips marks its SVG loader untrusted, and VIPS_BLOCK_UNTRUSTED is on.
+Headers are read first and checked against the limits, so a decompression
+bomb is refused before a single pixel is decoded.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ GIF = Format("gif", "image/gif", "GIF")
 AVIF = Format("avif", "image/avif", "AVIF")
 HEIC = Format("heic", "image/heic", "HEIC")
 TIFF = Format("tiff", "image/tiff", "TIFF")
-SVG = Format("svg", "image/svg+xml", "SVG")
 
 LOADERS: dict[str, Format] = {
     "VipsForeignLoadJpegBuffer": JPEG,
@@ -56,7 +56,6 @@ LOADERS: dict[str, Format] = {
     "VipsForeignLoadNsgifBuffer": GIF,
     "VipsForeignLoadHeifBuffer": AVIF,  # refined to HEIC from heif-compression
     "VipsForeignLoadTiffBuffer": TIFF,
-    "VipsForeignLoadSvgBuffer": SVG,
 }
 # Formats whose loader can give all frames with n=-1.
 MULTI_PAGE = {GIF, WEBP, TIFF, AVIF, HEIC}

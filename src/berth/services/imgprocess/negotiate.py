@@ -33,7 +33,7 @@ def accepted(accept: str | None) -> set[str]:
 def default_output(source: Format, has_alpha: bool) -> Format:
     if source.name in OUTPUTS:
         return OUTPUTS[source.name]
-    # TIFF, HEIC, SVG: browsers cannot show them, so answer in a web format.
+    # TIFF, HEIC: browsers cannot show them, so answer in a web format.
     return PNG if has_alpha else JPEG
 
 

@@ -24,7 +24,6 @@ from berth.services.imaging import (
     GIF,
     JPEG,
     PNG,
-    SVG,
     WEBP,
     Format,
     Probe,
@@ -275,9 +274,9 @@ def load(data: bytes, found: Probe, plan: Plan, animated: bool) -> tuple[Any, An
         shrink = geometry.jpeg_shrink(width, height, target)
         if shrink > 1:
             options["shrink"] = shrink
-    elif target is not None and found.format in (WEBP, SVG):
+    elif target is not None and found.format is WEBP:
         factor = max(target.width / width, target.height / height)
-        if found.format is SVG or factor < 1:
+        if factor < 1:
             options["scale"] = factor
     return pyvips.Image.new_from_buffer(data, "", **options), target
 
