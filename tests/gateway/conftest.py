@@ -181,15 +181,20 @@ class RawUpstream:
         self.server: asyncio.Server | None = None
         self.port = 0
         self.connections = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> RawUpstream:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
             try:
                 await self.handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
                 pass
             finally:
+                self._tasks.discard(task)
                 writer.close()
 
         self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -199,7 +204,8 @@ class RawUpstream:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-            self.server.close_clients()
+            for task in list(self._tasks):
+                task.cancel()
             await self.server.wait_closed()
 
 

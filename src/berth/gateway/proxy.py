@@ -783,7 +783,13 @@ class ClientProtocol(asyncio.Protocol):
             tried.append(server)
             ex.tries += 1
             ex.upstream_addr = server.address
-            more = len(tried) < route.tries and (budget is None or self.loop.time() < budget)
+            # Another attempt needs another server: with none left, the last
+            # answer goes to the client as it is (as nginx does).
+            more = (
+                len(tried) < route.tries
+                and len(tried) < len(cluster.servers)
+                and (budget is None or self.loop.time() < budget)
+            )
             ex.retry_allowed = more
             cluster.on_request_start(server)
             # Not the server's fault unless shown otherwise (client gone, cancelled).

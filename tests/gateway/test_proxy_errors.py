@@ -1,0 +1,200 @@
+"""Retries, timeouts and the gateway's own error responses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+
+from berth.gateway.routes import Route, Timeouts
+from tests.gateway.conftest import RawUpstream, read_response
+
+
+def _dead_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now: connection refused
+    return port
+
+
+async def _answer_503(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"content-length" in head.lower():
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+        await writer.drain()
+
+
+async def test_connect_failure_is_retried_on_the_next_server(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    gw = await make_gateway()
+    dead = _dead_port()
+    gw.routes.set(
+        [Route("svc", "/", "c", tries=2)], {"c": [("127.0.0.1", dead), ("127.0.0.1", a.port)]}
+    )
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+        for _ in range(4):
+            r = await client.get("/")
+            assert r.status_code == 200 and r.json()["upstream"] == "a"
+    cluster = gw.routes.table.clusters["c"]
+    assert cluster.server(f"127.0.0.1:{dead}").fail_num > 0
+
+
+async def test_every_server_down_gives_502_json(make_gateway) -> None:
+    gw = await make_gateway()
+    gw.routes.set([Route("svc", "/", "c", tries=3)], {"c": [("127.0.0.1", _dead_port())]})
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+        r = await client.get("/")
+    assert r.status_code == 502
+    doc = r.json()
+    assert "cannot connect to upstream" in doc["error"] and doc["request_id"]
+    assert r.headers["x-request-id"] == doc["request_id"]
+
+
+async def test_no_server_gives_503(make_gateway) -> None:
+    gw = await make_gateway()
+    gw.routes.set([Route("svc", "/", "empty")], {})
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+        r = await client.get("/")
+    assert r.status_code == 503 and "no server" in r.json()["error"]
+
+
+async def test_503_retried_for_idempotent_not_for_post(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    busy = await RawUpstream(_answer_503).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set(
+            [Route("svc", "/", "c", tries=2)],
+            {"c": [("127.0.0.1", busy.port), ("127.0.0.1", a.port)]},
+        )
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            results = [(await client.get("/")).status_code for _ in range(4)]
+            assert results == [200] * 4
+            # PUT with a small body is idempotent and replayable: retried too.
+            r = await client.put("/p", content=b"x" * 1000)
+            assert r.status_code == 200 and r.json()["body_size"] == 1000
+            # POST may have been acted on: the upstream's 503 goes to the client.
+            statuses = {(await client.post("/p", content=b"x")).status_code for _ in range(4)}
+            assert statuses == {200, 503}
+    finally:
+        await busy.stop()
+
+
+async def test_last_try_passes_the_upstream_error_through(make_gateway) -> None:
+    busy = await RawUpstream(_answer_503).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([Route("svc", "/", "c", tries=2)], {"c": [("127.0.0.1", busy.port)]})
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            r = await client.get("/")
+        assert r.status_code == 503 and r.content == b"busy"
+    finally:
+        await busy.stop()
+
+
+async def test_read_timeout_gives_504_and_next_server(make_gateway, upstreams) -> None:
+    slow = await upstreams("slow")
+    gw = await make_gateway()
+    gw.routes.set(
+        [Route("svc", "/", "c", tries=1, timeouts=Timeouts(read=0.2))],
+        {"c": [("127.0.0.1", slow.port)]},
+    )
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+        r = await client.get("/hold")
+        assert r.status_code == 504
+        assert "sent nothing for 0.2s" in r.json()["error"]
+        # The gateway is fine afterwards.
+        assert (await client.get("/")).status_code == 200
+
+
+async def test_total_timeout_gives_504(make_gateway, upstreams) -> None:
+    slow = await upstreams("slow")
+    gw = await make_gateway()
+    gw.routes.set(
+        [Route("svc", "/", "c", timeouts=Timeouts(total=0.3))], {"c": [("127.0.0.1", slow.port)]}
+    )
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+        r = await client.get("/hold")
+    assert r.status_code == 504 and "total timeout" in r.json()["error"]
+
+
+async def test_stale_pooled_connection_is_resent_transparently(make_gateway) -> None:
+    # Answers one request per connection but (wrongly) announces keep-alive,
+    # like a server whose idle timeout just fired: the pooled connection is dead.
+    async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    up = await RawUpstream(one_shot).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([Route("svc", "/", "c", tries=1)], {"c": [("127.0.0.1", up.port)]})
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            for _ in range(5):
+                r = await client.post("/", content=b"body")
+                assert r.status_code == 200 and r.content == b"ok"
+    finally:
+        await up.stop()
+
+
+async def test_upstream_garbage_gives_502(make_gateway) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SPDY/9 lol\r\n\r\n")
+        await writer.drain()
+
+    up = await RawUpstream(garbage).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([Route("svc", "/", "c", tries=1)], {"c": [("127.0.0.1", up.port)]})
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            r = await client.get("/")
+        assert r.status_code == 502 and "bad response" in r.json()["error"]
+    finally:
+        await up.stop()
+
+
+async def test_upstream_dying_mid_response_cuts_the_client(make_gateway) -> None:
+    async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+
+    up = await RawUpstream(dies).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([Route("svc", "/", "c", tries=2)], {"c": [("127.0.0.1", up.port)]})
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+        data = await reader.read(-1)  # closed: the client sees a short body, not a lie
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"partial")
+        writer.close()
+    finally:
+        await up.stop()
+
+
+async def test_client_header_timeout_408_and_idle_close(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    gw = await make_gateway(client_header_timeout=0.3, client_idle_timeout=0.3)
+    gw.routes.set([], {"svc": [("127.0.0.1", a.port)]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: sv")
+    status, headers, body = await read_response(reader)
+    assert status == 408 and headers["connection"] == "close"
+    assert "not received in time" in json.loads(body)["error"]
+    assert await reader.read(-1) == b""
+    writer.close()
+    # Idle keep-alive connection: closed silently.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+    status, _, _ = await read_response(reader)
+    assert status == 200
+    assert await reader.read(-1) == b""
+    writer.close()
