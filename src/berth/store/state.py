@@ -78,7 +78,9 @@ class SortedKeys:
 class State:
     def __init__(self, node: str = "berth") -> None:
         self.node = node
-        self.index = 0
+        # Index 1 is "the empty store" (0 is never used, as in Consul), so the
+        # first write is 2 and a watcher blocked at 1 sees it.
+        self.index = 1
         self.kv: dict[str, Entry] = {}
         self.keys = SortedKeys()
         self.tombstones: dict[str, int] = {}
@@ -118,7 +120,7 @@ class State:
         objects: list[Session | Service | Check],
         indexes: dict[str, int],
     ) -> None:
-        self.index = index
+        self.index = max(index, 1)
         self.kv = {e.key: e for e in entries}
         self.keys = SortedKeys(list(self.kv))
         self.tombstones = dict(tombstones)
