@@ -335,7 +335,8 @@ def process(
             image = image.autorot()
         ops = FrameOps(plan, config, load_watermark, animated)
         if animated:
-            page = found.height
+            # Shrink-on-load (WebP) has scaled the frames already.
+            page = image.get("page-height") if image.get_typeof("page-height") else found.height
             frames = [image.crop(0, i * page, image.width, page) for i in range(found.frames)]
             done = [ops.apply(frame, target) for frame in frames]
             image = pyvips.Image.arrayjoin(done, across=1).copy()
