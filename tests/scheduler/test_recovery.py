@@ -1,0 +1,106 @@
+"""Control-plane restarts: state comes back from the store, tasks are never duplicated
+and never left running unsupervised."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from berth.scheduler.state import TASKS
+from tests.scheduler.core_support import (
+    SERVER,
+    Events,
+    await_until,
+    control_plane,
+    http_app,
+    task_processes,
+    wait_until,
+)
+from tests.support import BerthProcess
+from tests.support import control_plane as berth_server
+
+pytestmark = pytest.mark.slow
+
+
+async def test_graceful_restart_stops_tasks_then_restores_without_duplicates(
+    tmp_path: Path,
+) -> None:
+    async with control_plane(tmp_path) as plane:
+        ev = Events(plane.events)
+        dep = await plane.scheduler.create_app(http_app("/svc", instances=2))
+        await ev.wait_for("deployment_success", id=dep.id)
+        old = {t.id for t in plane.scheduler.tasks("/svc")}
+        ev.close()
+    # Stopped with the control plane: nothing of the app keeps running.
+    assert task_processes("/svc") == []
+
+    async with control_plane(tmp_path) as plane:
+        sched = plane.scheduler
+        assert sched.app("/svc") is not None and sched.app("/svc").instances == 2  # type: ignore[union-attr]
+        await await_until(lambda: sched.status("/svc").healthy == 2, what="2 healthy tasks")
+        new = {t.id for t in sched.tasks("/svc")}
+        assert len(new) == 2 and not new & old
+        assert len(task_processes("/svc")) == 2
+        # Old tasks are gone from the store and the catalog (new ones may still be landing).
+        stored = {k.removeprefix(TASKS) for k in await plane.store.kv_keys(TASKS)}
+        assert stored <= new
+        _, found = await plane.store.health_service("svc")
+        assert {i.id for i in found} <= new
+
+
+def stop(server: BerthProcess) -> None:
+    server.stop()
+    # The output reader ends at EOF; then its pipe can be closed (no ResourceWarning).
+    server._reader.join(10)
+    if server.proc.stdout is not None:
+        server.proc.stdout.close()
+
+
+def counts(client: httpx.Client, app_id: str) -> tuple[int, int]:
+    doc = client.get(f"/v2/apps{app_id}", params={"embed": "app.counts"}).json()["app"]
+    return doc["tasksRunning"], doc["tasksHealthy"]
+
+
+def test_killed_control_plane_leaves_no_orphans_and_recovers(tmp_path: Path) -> None:
+    app = {
+        "id": "/orphan",
+        # A shell command: sh forks python, which PDEATHSIG alone would not reach.
+        "cmd": f'{sys.executable} -c "$SERVER_CODE"',
+        "env": {"SERVER_CODE": SERVER},
+        "instances": 2,
+        "cpus": 0.1,
+        "mem": 128,
+        "portDefinitions": [{"port": 0}],
+        "healthChecks": [{"protocol": "TCP", "gracePeriodSeconds": 30, "intervalSeconds": 1}],
+    }
+    server = berth_server(tmp_path)
+    try:
+        url = server.wait_ready()
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.post("/v2/apps", json=app).status_code == 201
+            wait_until(lambda: counts(client, "/orphan") == (2, 2), what="2 healthy tasks")
+            first = {t["id"] for t in client.get("/v2/apps/orphan/tasks").json()["tasks"]}
+        assert len(task_processes("/orphan")) == 4  # two sh, two python
+        server.kill()  # SIGKILL: no shutdown code runs
+        wait_until(lambda: task_processes("/orphan") == [], what="tasks to die with it")
+    finally:
+        stop(server)
+
+    server = berth_server(tmp_path)
+    try:
+        url = server.wait_ready()
+        with httpx.Client(base_url=url, timeout=30) as client:
+            wait_until(lambda: counts(client, "/orphan") == (2, 2), what="recovered tasks")
+            tasks = client.get("/v2/apps/orphan/tasks").json()["tasks"]
+            second = {t["id"] for t in tasks}
+            assert len(second) == 2 and not second & first
+            assert len(task_processes("/orphan")) == 4
+            # The catalog lost the dead tasks and has exactly the new ones.
+            found = client.get("/v1/health/service/orphan").json()
+            assert {i["Service"]["ID"] for i in found} == second
+    finally:
+        stop(server)
+    wait_until(lambda: task_processes("/orphan") == [], what="tasks to stop with berth server")
