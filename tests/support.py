@@ -63,14 +63,24 @@ class BerthProcess:
     def stop(self, timeout: float = 15) -> int:
         self.signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
-            return self.proc.wait()
+            code = self.proc.wait()
+        self._close()
+        return code
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        # Close the pipe once the reader has drained it: an unclosed pipe is a
+        # ResourceWarning, which the suite turns into an error.
+        self._reader.join(5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
 
 
 @contextmanager
