@@ -41,11 +41,11 @@ FAST = {
 
 @asynccontextmanager
 async def serve_store(
-    data_dir: Path, token: str | None = None, **overrides: Any
+    data_dir: Path, token: str | None = None, port: int = 0, **overrides: Any
 ) -> AsyncIterator[RunningStore]:
     store = StoreServer(StoreConfig(data_dir=data_dir, **overrides))
     app = ControlPlaneApp([store], token=token)
-    sock = bind("127.0.0.1", 0)
+    sock = bind("127.0.0.1", port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(
