@@ -27,6 +27,8 @@ class GatewayConfig(ComponentConfig):
     health_fall: int = Field(3, ge=1)
     max_fails: int = Field(3, ge=0)  # consecutive failures before passive ERR; 0 = off
     fail_timeout: float = Field(10.0, gt=0)
+    # Longest a store watch (Consul blocking query) waits before asking again, seconds.
+    discovery_wait: float = Field(300.0, ge=1, le=600)
 
     # Client side: nginx's client_header_timeout / keepalive_timeout / send_timeout.
     client_header_timeout: float = Field(15.0, gt=0)

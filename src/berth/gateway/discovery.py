@@ -194,10 +194,12 @@ def build_table(
 
 
 class Discovery:
-    def __init__(self, store: StoreClient, config: GatewayConfig, *, wait: str = "5m") -> None:
+    def __init__(
+        self, store: StoreClient, config: GatewayConfig, *, wait: str | None = None
+    ) -> None:
         self.store = store
         self.config = config
-        self.wait = wait
+        self.wait = wait or f"{config.discovery_wait:g}s"
         self.table = RoutingTable()
         self.ready = asyncio.Event()
         self.health = HealthChecker()
