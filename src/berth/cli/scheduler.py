@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -108,6 +109,8 @@ def connection_options(func: F) -> F:
     @click.option("--token", envvar="BERTH_TOKEN", default=None, help="API token.")
     @functools.wraps(func)
     def wrapper(*args: Any, url: str, token: str | None, **kwargs: Any) -> Any:
+        # httpx logs every request at INFO; on a terminal that is noise, not output.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         client = MarathonClient(url, token)
         try:
             return func(client, *args, **kwargs)
@@ -292,7 +295,7 @@ def load_app_file(path: Path) -> dict[str, Any]:
 @connection_options
 def apps(client: MarathonClient) -> None:
     """List apps and their definitions."""
-    table = Table(box=None, header_style="bold")
+    table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("ID", "INSTANCES", "CPUS", "MEM", "VERSION", "CMD"):
         table.add_column(column)
     for app in client.get("/v2/apps")["apps"]:
@@ -342,15 +345,15 @@ def scale(
 ) -> None:
     """Run INSTANCES tasks of APP."""
     app_id = "/" + app_id.strip("/")
+    # Check first: a PUT naming a missing app would try to create it from {"instances": N}.
+    if client.request("GET", _app_path(app_id), ok_404=True).status_code == 404:
+        raise CliError(f"App '{app_id}' does not exist")
     resp = client.request(
         "PUT",
         _app_path(app_id),
         params={"force": str(force).lower()},
         body={"instances": instances},
     )
-    if resp.status_code == 201:
-        # PUT on a missing app would create it from {"instances": N}; it cannot, so say so.
-        raise CliError(f"App '{app_id}' does not exist")
     _finish(client, resp.json()["deploymentId"], app_id, no_wait, timeout, "scaled")
 
 
@@ -375,7 +378,7 @@ def restart(
 def tasks(client: MarathonClient, app_id: str | None) -> None:
     """List tasks (of APP, or of every app)."""
     path = _app_path(app_id) + "/tasks" if app_id else "/v2/tasks"
-    table = Table(box=None, header_style="bold")
+    table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("ID", "APP", "ENDPOINTS", "STATE", "HEALTH", "STARTED"):
         table.add_column(column)
     for task in sorted(
@@ -418,7 +421,7 @@ def status(client: MarathonClient) -> None:
     """Apps as Marathon's UI shows them: status, running x of y, health."""
     apps = client.get("/v2/apps", embed=["apps.counts", "apps.deployments"])["apps"]
     queue = {q["app"]["id"]: q for q in client.get("/v2/queue")["queue"]}
-    table = Table(box=None, header_style="bold")
+    table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("NAME", "CPU", "MEMORY", "STATUS", "RUNNING", "HEALTH"):
         table.add_column(column)
     for app in apps:

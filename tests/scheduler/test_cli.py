@@ -1,0 +1,175 @@
+"""``berth apps/deploy/scale/restart/tasks/kill/status`` against a real ``berth server``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from berth.cli.scheduler import CliError, health_summary, load_app_file, ui_status
+from tests.scheduler.api_support import running_server, tiny_app
+
+
+def berth_cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BERTH_URL": url, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "berth.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=110,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize(
+    ("app", "queued", "expected"),
+    [
+        ({"instances": 2, "tasksRunning": 2, "deployments": [{"id": "d"}]}, None, "Deploying"),
+        ({"instances": 0, "tasksRunning": 0, "deployments": []}, None, "Suspended"),
+        ({"instances": 2, "tasksRunning": 2, "deployments": []}, None, "Running"),
+        (
+            {"instances": 2, "tasksRunning": 1, "deployments": []},
+            {"delay": {"timeLeftSeconds": 4, "overdue": False}},
+            "Delayed",
+        ),
+        (
+            {"instances": 2, "tasksRunning": 1, "deployments": [{"id": "d"}]},
+            {"delay": {"timeLeftSeconds": 0, "overdue": True}},
+            "Waiting",
+        ),
+        (
+            {"instances": 2, "tasksRunning": 1, "deployments": []},
+            {"delay": {"timeLeftSeconds": 0, "overdue": False}},
+            "Running",
+        ),
+    ],
+)
+def test_ui_status_follows_marathon_ui(
+    app: dict[str, object], queued: dict[str, object] | None, expected: str
+) -> None:
+    assert ui_status(app, queued) == expected
+
+
+def test_health_summary() -> None:
+    app = {"tasksRunning": 4, "tasksHealthy": 2, "tasksUnhealthy": 1, "tasksStaged": 1}
+    assert health_summary(app) == "2 healthy, 1 unhealthy, 1 unknown, 1 staged"
+    assert health_summary({}) == "-"
+
+
+def test_load_app_file(tmp_path: Path) -> None:
+    toml = tmp_path / "app.toml"
+    toml.write_text('id = "web"\ncmd = "x"\n[env]\nK = "v"\n[[healthChecks]]\nprotocol = "TCP"\n')
+    assert load_app_file(toml) == {
+        "id": "web",
+        "cmd": "x",
+        "env": {"K": "v"},
+        "healthChecks": [{"protocol": "TCP"}],
+    }
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(CliError, match="not valid JSON"):
+        load_app_file(bad)
+    no_id = tmp_path / "noid.json"
+    no_id.write_text('{"cmd": "x"}')
+    with pytest.raises(CliError, match='needs an app "id"'):
+        load_app_file(no_id)
+    with pytest.raises(CliError, match="cannot read"):
+        load_app_file(tmp_path / "missing.json")
+
+
+# --------------------------------------------------------------------------- real
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(tmp_path_factory.mktemp("cli")) as proc:
+        assert proc.url is not None
+        yield proc.url
+
+
+def _toml_app(path: Path) -> Path:
+    app = tiny_app("cli", 2)
+    check = app["healthChecks"][0]
+    lines = [
+        'id = "cli"',
+        f"args = {json.dumps(app['args'])}",
+        "instances = 2",
+        "cpus = 0.1",
+        "mem = 64",
+        "taskKillGracePeriodSeconds = 1",
+        "[labels]",
+        'BERTH_TEST = "cli"',
+        "[[healthChecks]]",
+        *(f"{k} = {json.dumps(v)}" for k, v in check.items()),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_cli_against_real_server(url: str, tmp_path: Path) -> None:
+    app_file = _toml_app(tmp_path / "app.toml")
+    r = berth_cli("deploy", str(app_file), url=url)
+    assert r.returncode == 0, r.stderr
+    assert "created /cli: 2 of 2 running, 2 healthy" in r.stdout
+
+    r = berth_cli("apps", url=url)
+    assert r.returncode == 0 and "/cli" in r.stdout and "64 MiB" in r.stdout
+
+    r = berth_cli("status", url=url)
+    assert r.returncode == 0, r.stderr
+    (row,) = [line for line in r.stdout.splitlines() if line.strip().startswith("/cli")]
+    assert "Running" in row and "2 of 2" in row and "2 healthy" in row
+
+    r = berth_cli("scale", "cli", "3", url=url)
+    assert r.returncode == 0, r.stderr
+    assert "scaled /cli: 3 of 3 running, 3 healthy" in r.stdout
+
+    r = berth_cli("tasks", "cli", url=url)
+    assert r.returncode == 0
+    task_ids = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("cli.")]
+    assert len(task_ids) == 3
+    assert all("RUNNING" in line and "healthy" in line for line in r.stdout.splitlines()[1:])
+
+    r = berth_cli("kill", task_ids[0], "--scale", url=url)
+    assert r.returncode == 0 and "scaled down" in r.stdout
+
+    r = berth_cli("restart", "/cli", "--force", url=url)
+    assert r.returncode == 0, r.stderr
+    assert "restarted /cli: 2 of 2 running" in r.stdout
+
+    r = berth_cli("deploy", str(app_file), "--no-wait", url=url)
+    assert r.returncode == 0 and "updated /cli: deployment" in r.stdout
+
+    r = berth_cli("tasks", url=url)
+    assert r.returncode == 0 and "ENDPOINTS" in r.stdout
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line(url: str, tmp_path: Path) -> None:
+    r = berth_cli("scale", "nope", "2", url=url)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "berth: App '/nope' does not exist"
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"id": "bad", "cmd": "x", "instances": -1}))
+    r = berth_cli("deploy", str(bad), url=url)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1
+    assert "HTTP 422" in r.stderr and "/instances" in r.stderr
+
+    r = berth_cli("kill", "no-such-task", url=url)
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+    r = berth_cli("apps", url="http://127.0.0.1:9")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "cannot reach the control plane" in r.stderr
