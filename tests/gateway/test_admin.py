@@ -267,3 +267,181 @@ async def test_routes_listing(env: Env) -> None:
     assert await env.discovery.wait_for(lambda: bool(env.discovery.table.routes), 10)
     routes = (await env.http.get("/routes")).json()
     assert routes[0]["host"] == "img.example.com" and routes[0]["tries"] == 3
+
+
+# -- through the real gateway: data path + discovery + admin ---------------------------------
+
+
+class Live:
+    """A real GatewayServer (its own Discovery and admin API) on a real control plane."""
+
+    def __init__(self, server: Any, store: StoreClient, admin: httpx.AsyncClient) -> None:
+        self.server = server
+        self.store = store
+        self.admin = admin
+        self.url = f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[Live]:
+    from berth.gateway.server import GatewayServer
+
+    cp = ControlPlaneServer(ControlPlaneConfig(port=0, data_dir=tmp_path / "cp"))
+    await cp.start()
+    try:
+        async with StoreClient(cp.url) as store:
+            await store.kv_put("berth/seed", b"1")  # see test_discovery.py
+            config = GatewayConfig(
+                host="127.0.0.1",
+                port=0,
+                admin_port=0,
+                data_dir=tmp_path,
+                store_url=cp.url,
+                discovery_wait=1,
+                health_interval=0.1,
+                health_timeout=1,
+                fail_timeout=60,
+            )
+            server = GatewayServer(config)
+            await server.start()
+            try:
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{server.admin_port}"
+                ) as admin:
+                    yield Live(server, store, admin)
+            finally:
+                await server.stop()
+    finally:
+        await cp.stop()
+
+
+class Load:
+    """Clients sending requests in a loop; every answer is recorded with its start time."""
+
+    def __init__(self, url: str, host: str, clients: int = 6) -> None:
+        self.url = url
+        self.host = host
+        self.clients = clients
+        self.results: list[tuple[float, int, str]] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _client(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, headers={"Host": self.host}) as http:
+            while not self._stop.is_set():
+                started = asyncio.get_running_loop().time()
+                resp = await http.get("/x")
+                self.results.append((started, resp.status_code, resp.headers.get("x-upstream", "")))
+
+    def __enter__(self) -> Load:
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    async def finish(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def seen(self, name: str, timeout: float = 10.0) -> float:
+        """Wait until `name` answered a request; returns the loop time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not any(up == name for _, _, up in self.results):
+            assert loop.time() < deadline, f"{name} never answered"
+            await asyncio.sleep(0.01)
+        return loop.time()
+
+
+def server_doc(up: Any) -> dict[str, Any]:
+    return {"host": "127.0.0.1", "port": up.port}
+
+
+@pytest.mark.slow
+async def test_store_changes_under_load_fail_no_request(live: Live, upstreams: Any) -> None:
+    a, b, c = await upstreams("a"), await upstreams("b"), await upstreams("c")
+    resp = await live.admin.put(
+        "/upstream/svc", json={"servers": [server_doc(a)], "health_check": {"type": "none"}}
+    )
+    assert resp.json()["status"] == 200
+    await live.store.kv_put_json("berth/gateway/routes/svc.test", {"cluster": "svc"})
+    load = Load(live.url, "svc.test")
+    with load:
+        await load.seen("a")
+        resp = await live.admin.put(
+            "/upstream/svc", json={"servers": [server_doc(a), server_doc(b)]}
+        )
+        assert resp.json() == {"status": 200, "applied": True}
+        await load.seen("b")
+        resp = await live.admin.put("/upstream/svc", json={"servers": [server_doc(b)]})
+        assert resp.json() == {"status": 200, "applied": True}
+        only_b_from = asyncio.get_running_loop().time()
+        await live.store.register_service(
+            "svc", service_id="svc-c", address="127.0.0.1", port=c.port
+        )
+        await load.seen("c")
+        for _ in range(20):  # some more traffic after the last change
+            await asyncio.sleep(0.01)
+        await load.finish()
+    statuses = {status for _, status, _ in load.results}
+    assert statuses == {200}, f"failed requests during changes: {statuses}"
+    assert not [r for r in load.results if r[0] > only_b_from and r[2] == "a"]
+    assert len(load.results) > 50
+
+
+@pytest.mark.slow
+async def test_failures_and_recovery_visible_in_status(live: Live, upstreams: Any) -> None:
+    good = await upstreams("good")
+    flaky_port = closed_port()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Upstream: flaky\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    body = {
+        "servers": [server_doc(good), {"host": "127.0.0.1", "port": flaky_port}],
+        "health_check": {"type": "tcp", "interval": 0.1, "rise": 1, "fall": 1},
+    }
+    assert (await live.admin.put("/upstream/mixed", json=body)).json()["status"] == 200
+
+    async def status_of(port: int) -> dict[str, Any]:
+        doc = (await live.admin.get("/status")).json()
+        return next(s for s in doc["cls:mixed"][0] if s["address"].endswith(f":{port}"))
+
+    async def wait_status(port: int, want: str) -> dict[str, Any]:
+        for _ in range(1000):
+            s = await status_of(port)
+            if s["status"] == want:
+                return s
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{port} never became {want}: {s}")
+
+    down = await wait_status(flaky_port, "err")
+    assert down["msg"] == "connection refused"
+    # Traffic by the cluster's name (no route needed) only reaches the healthy server.
+    async with httpx.AsyncClient(base_url=live.url, headers={"Host": "mixed"}) as http:
+        for _ in range(10):
+            resp = await http.get("/")
+            assert resp.status_code == 200 and resp.headers["x-upstream"] == "good"
+        # The server comes back on the same port: the active check restores it, no restart.
+        flaky = await asyncio.start_server(answer, "127.0.0.1", flaky_port)
+        try:
+            await wait_status(flaky_port, "ok")
+            seen = {(await http.get("/")).headers["x-upstream"] for _ in range(20)}
+            assert seen == {"good", "flaky"}
+        finally:
+            flaky.close()
+            await flaky.wait_closed()
+    metrics_text = (await live.admin.get("/metrics")).text
+    assert (
+        f'berth_gateway_upstream_server_up{{cluster="mixed",server="127.0.0.1:{flaky_port}"}}'
+        in metrics_text
+    )
