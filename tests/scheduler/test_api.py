@@ -6,8 +6,10 @@ test_api_real.py and test_marathon_client.py run the real Scheduler and processe
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -380,3 +382,72 @@ def test_repr(scheduler: FakeScheduler) -> None:
     assert repr(MarathonAPI(scheduler, EventBus())) == (
         "<MarathonAPI apps=0 <EventBus subscribers=0 published=0>>"
     )
+
+
+async def test_partial_update_false_replaces(
+    client: httpx.AsyncClient, scheduler: FakeScheduler
+) -> None:
+    await client.post("/v2/apps", json={**APP, "env": {"K": "v"}})
+    r = await client.put("/v2/apps/web?partialUpdate=false", json={"cmd": "sleep 1"})
+    assert r.status_code == 200
+    app = scheduler.app("/web")
+    assert app is not None and app.env == {} and app.instances == 1 and app.cmd == "sleep 1"
+
+
+async def test_deeply_nested_json_is_400(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v2/apps", content=b"[" * 100_000)
+    assert r.status_code == 400 and r.json()["message"].startswith("Invalid JSON")
+
+
+async def test_sse_frames_heartbeats_and_detach(scheduler: FakeScheduler) -> None:
+    bus = EventBus()
+    api = MarathonAPI(scheduler, bus)
+    api.heartbeat_seconds = 0.05
+    app = build_app(api)
+    gone = asyncio.Event()
+    sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await sent.put(message)
+
+    async def next_body(predicate: Any) -> bytes:
+        while True:
+            message = await asyncio.wait_for(sent.get(), 10)
+            if predicate(message.get("body", b"")):
+                return bytes(message["body"])
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v2/events",
+        "raw_path": b"/v2/events",
+        "query_string": b"event_type=deployment_success&event_type=event_stream_attached",
+        "headers": [(b"accept", b"text/event-stream")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+        "root_path": "",
+        "http_version": "1.1",
+    }
+    watcher = bus.subscribe({"event_stream_detached"})
+    stream = asyncio.create_task(app(scope, receive, send))
+    start = await asyncio.wait_for(sent.get(), 10)
+    assert start["status"] == 200
+    assert (b"content-type", b"text/event-stream") in start["headers"]
+    attached = await next_body(lambda b: b.startswith(b"event: "))
+    assert attached.startswith(b"event: event_stream_attached\ndata: {")
+    await next_body(lambda b: b == b":\n\n")
+    bus.publish("status_update_event", {"taskId": "filtered-out"})
+    bus.publish("deployment_success", {"id": "d1"})
+    frame = await next_body(lambda b: b.startswith(b"event: "))
+    assert frame.startswith(b"event: deployment_success\ndata: ")
+    assert json.loads(frame.split(b"data: ", 1)[1])["id"] == "d1"
+    gone.set()
+    await asyncio.wait_for(stream, 10)
+    detached = await asyncio.wait_for(anext(watcher), 10)
+    assert detached["remoteAddress"] == "127.0.0.1"
+    assert bus.subscriber_count == 1

@@ -368,3 +368,10 @@ def test_render_queue_delay() -> None:
 def test_render_info() -> None:
     doc = render_info(version="0.1.0", leader="127.0.0.1:3131", http_port=3131)
     assert doc["elected"] is True and doc["http_config"]["http_port"] == 3131
+
+
+def test_merge_without_partial_replaces_definition() -> None:
+    app = parse_app({"id": "a", "cmd": "x", "env": {"K": "v"}, "instances": 3})
+    replaced = merge_app(app, {"cmd": "y"}, partial=False)
+    assert (replaced.cmd, replaced.env, replaced.instances) == ("y", {}, 1)
+    assert replaced.id == "/a" and replaced.version > app.version

@@ -123,6 +123,8 @@ async def _json_body(request: Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"Invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "Invalid JSON: nested too deeply") from None
 
 
 def _deployment_result(deployment: DeploymentView, status: int = 200) -> JSONResponse:
@@ -282,7 +284,8 @@ class MarathonAPI:
             response = _deployment_result(deployment, 201)
             response.headers["Location"] = f"/v2/apps{app.id}"
             return response
-        app = merge_app(current, doc)
+        # partialUpdate=false replaces the whole definition (Marathon >= 1.5).
+        app = merge_app(current, doc, partial=_flag(request, "partialUpdate", True))
         deployment = await self.scheduler.update_app(app, force)
         self._post_event(request, app)
         return _deployment_result(deployment)

@@ -697,15 +697,18 @@ def _definition_body(app: AppDefinition) -> dict[str, Any]:
     return {k: v for k, v in app.raw.items() if k not in READ_ONLY_FIELDS}
 
 
-def merge_app(current: AppDefinition, patch: Mapping[str, Any]) -> AppDefinition:
+def merge_app(
+    current: AppDefinition, patch: Mapping[str, Any], *, partial: bool = True
+) -> AppDefinition:
     """A PUT body merged over ``current`` (top-level keys replace), newly versioned.
 
-    A patch that only changes ``instances`` is a scaling: ``lastConfigChangeAt``
-    stays, as in Marathon, so tasks keep their config version.
+    ``partial=False`` replaces the definition instead (Marathon's
+    ``partialUpdate=false``). A change of ``instances`` alone is a scaling:
+    ``lastConfigChangeAt`` stays, as in Marathon, so tasks keep their config version.
     """
     if not isinstance(patch, Mapping):
         raise ValidationFailed([{"path": "/", "errors": ["expected a JSON object"]}])
-    body = _definition_body(current)
+    body = _definition_body(current) if partial else {}
     # The `ports` shorthand would otherwise fight the stored portDefinitions.
     if "ports" in patch and "portDefinitions" not in patch:
         body.pop("portDefinitions", None)
