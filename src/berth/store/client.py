@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -182,7 +183,7 @@ class StoreClient:
     # -- KV ----------------------------------------------------------------
 
     async def kv_get(self, key: str) -> KVEntry | None:
-        resp = await self._request("GET", f"/v1/kv/{key}", ok=(200, 404))
+        resp = await self._request("GET", f"/v1/kv/{_path(key)}", ok=(200, 404))
         if resp.status_code == 404:
             return None
         return KVEntry.from_json(resp.json()[0])
@@ -199,7 +200,7 @@ class StoreClient:
                 params["wait"] = wait
             timeout = _blocking_timeout(wait)
         resp = await self._request(
-            "GET", f"/v1/kv/{prefix}", params=params, ok=(200, 404), timeout=timeout
+            "GET", f"/v1/kv/{_path(prefix)}", params=params, ok=(200, 404), timeout=timeout
         )
         idx = int(resp.headers.get("X-Consul-Index", "0"))
         if resp.status_code == 404:
@@ -210,7 +211,7 @@ class StoreClient:
         params: dict[str, Any] = {"keys": ""}
         if separator:
             params["separator"] = separator
-        resp = await self._request("GET", f"/v1/kv/{prefix}", params=params, ok=(200, 404))
+        resp = await self._request("GET", f"/v1/kv/{_path(prefix)}", params=params, ok=(200, 404))
         return [] if resp.status_code == 404 else list(resp.json())
 
     async def kv_put(
@@ -233,7 +234,7 @@ class StoreClient:
             if val is not None:
                 params[name] = val
         data = value.encode() if isinstance(value, str) else value
-        resp = await self._request("PUT", f"/v1/kv/{key}", params=params, content=data)
+        resp = await self._request("PUT", f"/v1/kv/{_path(key)}", params=params, content=data)
         return bool(resp.json())
 
     async def kv_put_json(self, key: str, doc: Any, *, cas: int | None = None) -> bool:
@@ -245,7 +246,7 @@ class StoreClient:
             params["recurse"] = ""
         if cas is not None:
             params["cas"] = cas
-        resp = await self._request("DELETE", f"/v1/kv/{key}", params=params)
+        resp = await self._request("DELETE", f"/v1/kv/{_path(key)}", params=params)
         return bool(resp.json())
 
     async def txn(self, ops: Sequence[Mapping[str, Any]]) -> tuple[bool, Any]:
@@ -282,7 +283,7 @@ class StoreClient:
         await self._request("PUT", "/v1/agent/service/register", body=doc)
 
     async def deregister_service(self, service_id: str) -> None:
-        await self._request("PUT", f"/v1/agent/service/deregister/{service_id}")
+        await self._request("PUT", f"/v1/agent/service/deregister/{_segment(service_id)}")
 
     async def health_service(
         self,
@@ -302,7 +303,7 @@ class StoreClient:
                 params["wait"] = wait
             timeout = _blocking_timeout(wait)
         resp = await self._request(
-            "GET", f"/v1/health/service/{name}", params=params, timeout=timeout
+            "GET", f"/v1/health/service/{_segment(name)}", params=params, timeout=timeout
         )
         idx = int(resp.headers.get("X-Consul-Index", "0"))
         return idx, [ServiceInstance.from_json(d) for d in resp.json()]
@@ -325,7 +326,7 @@ class StoreClient:
         self, check_id: str, status: Literal["pass", "warn", "fail"], note: str = ""
     ) -> None:
         params = {"note": note} if note else None
-        await self._request("PUT", f"/v1/agent/check/{status}/{check_id}", params=params)
+        await self._request("PUT", f"/v1/agent/check/{status}/{_segment(check_id)}", params=params)
 
     # -- sessions -----------------------------------------------------------------
 
@@ -347,11 +348,13 @@ class StoreClient:
 
     async def session_renew(self, session_id: str) -> bool:
         """Renew; False when the session no longer exists (it was invalidated)."""
-        resp = await self._request("PUT", f"/v1/session/renew/{session_id}", ok=(200, 404))
+        resp = await self._request(
+            "PUT", f"/v1/session/renew/{_segment(session_id)}", ok=(200, 404)
+        )
         return resp.status_code == 200
 
     async def session_destroy(self, session_id: str) -> None:
-        await self._request("PUT", f"/v1/session/destroy/{session_id}")
+        await self._request("PUT", f"/v1/session/destroy/{_segment(session_id)}")
 
     # -- watches ----------------------------------------------------------------
 
@@ -406,6 +409,16 @@ class StoreClient:
             if found != last:
                 last = found
                 yield returned, found
+
+
+def _path(key: str) -> str:
+    # Percent-encode so "?", "#", "%" and control characters stay part of the
+    # key (the store then judges the key, instead of httpx refusing the URL).
+    return quote(key, safe="/")
+
+
+def _segment(name: str) -> str:
+    return quote(name, safe=":")
 
 
 class Backoff:

@@ -135,20 +135,37 @@ class StoreServer:
         if min_index < 0:
             raise BadRequest("Invalid index")
         index, result = query()
-        if min_index > 0 and index <= min_index and self.lifecycle is Lifecycle.RUNNING:
+        # An index beyond any this store has issued comes from another store's
+        # history (a reset or a different server): answer at once so the client
+        # sees the index go backwards and restarts its watch.
+        blocking = 0 < min_index <= self.state.index and index <= min_index
+        if blocking and self.lifecycle is Lifecycle.RUNNING:
             cfg = self.config
             wait = wait_param(req, cfg.wait_default_s, cfg.wait_max_s)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait + random.uniform(0, wait / 16)
-            while self.lifecycle is Lifecycle.RUNNING:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                fut = self.hub.prefix(prefix) if prefix is not None else self.hub.topic(topic or "")
-                await asyncio.wait((fut,), timeout=remaining)
+            try:
+                while self.lifecycle is Lifecycle.RUNNING:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    fut = (
+                        self.hub.prefix(prefix)
+                        if prefix is not None
+                        else self.hub.topic(topic or "")
+                    )
+                    await asyncio.wait((fut,), timeout=remaining)
+                    index, result = query()
+                    if index > min_index:
+                        break
+            except asyncio.CancelledError:
+                # uvicorn cancels requests still open when its graceful shutdown
+                # times out; a blocked reader then gets the current state, as on
+                # a wait timeout, instead of a 500.
+                task = asyncio.current_task()
+                if task is None or task.uncancel() > 0:
+                    raise
                 index, result = query()
-                if index > min_index:
-                    break
         barrier = self.persistence.barrier()
         if barrier is not None:
             await asyncio.shield(barrier)

@@ -1,0 +1,108 @@
+"""berth.store.client against the real store: calls, errors, and a watch that
+survives a store restart and an index reset."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from berth.controlplane.server import bind
+from berth.store.client import KVEntry, StoreClient
+from berth.store.errors import PermissionDenied, StoreRejected, StoreUnavailable
+from tests.store.conftest import FAST, RunningStore, serve_store
+
+
+async def test_client_calls(running: RunningStore) -> None:
+    async with StoreClient(running.url) as client:
+        assert await client.kv_put("c/a", "1") is True
+        assert await client.kv_put_json("c/j", {"x": 1}) is True
+        entry = await client.kv_get("c/j")
+        assert entry is not None and entry.json() == {"x": 1}
+        assert await client.kv_get("c/missing") is None
+        index, entries = await client.kv_list("c/")
+        assert [e.key for e in entries] == ["c/a", "c/j"] and index > 1
+        assert await client.kv_keys("c/") == ["c/a", "c/j"]
+        ok, results = await client.txn([{"KV": {"Verb": "get", "Key": "c/a"}}])
+        assert ok and results[0]["KV"]["Key"] == "c/a"
+        ok, errors = await client.txn([{"KV": {"Verb": "get", "Key": "c/none"}}])
+        assert not ok and errors[0]["OpIndex"] == 0
+        await client.register_service(
+            "svc", service_id="svc1", port=9, check={"TTL": "30s", "Status": "passing"}
+        )
+        _, instances = await client.health_service("svc", passing=True)
+        assert [i.id for i in instances] == ["svc1"] and instances[0].address == "127.0.0.1"
+        await client.check_update("service:svc1", "fail", note="down")
+        _, instances = await client.health_service("svc", passing=True)
+        assert instances == []
+        sid = await client.session_create(ttl="10s")
+        assert await client.kv_put("c/lock", "me", acquire=sid) is True
+        assert await client.session_renew(sid) is True
+        await client.session_destroy(sid)
+        assert await client.session_renew(sid) is False
+        with pytest.raises(StoreRejected) as err:
+            await client.kv_put("c/\x01x", "1")
+        assert err.value.status == 400
+        assert await client.kv_put("c/odd?key#%20", "1") is True
+        odd = await client.kv_get("c/odd?key#%20")
+        assert odd is not None and odd.key == "c/odd?key#%20"
+        assert await client.kv_delete("c/", recurse=True) is True
+
+
+async def test_client_errors(tmp_path: Path) -> None:
+    async with (
+        serve_store(tmp_path, token="right-token") as rs,
+        StoreClient(rs.url, token="wrong-token") as client,
+    ):
+        with pytest.raises(PermissionDenied):
+            await client.kv_get("x")
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    async with StoreClient(f"http://127.0.0.1:{port}") as client:
+        with pytest.raises(StoreUnavailable):
+            await client.kv_get("x")
+
+
+@pytest.mark.slow
+async def test_watch_survives_restart_and_index_reset(tmp_path: Path) -> None:
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    updates: asyncio.Queue[list[KVEntry]] = asyncio.Queue()
+
+    async def watch(client: StoreClient) -> None:
+        async for _, entries in client.watch_prefix("cfg/", wait="30s"):
+            await updates.put(entries)
+
+    async def next_keys(expected: list[str]) -> list[str]:
+        # The watch may yield intermediate states (an empty store) first.
+        while True:
+            keys = [e.key for e in await asyncio.wait_for(updates.get(), 20)]
+            if keys == expected:
+                return keys
+
+    client = StoreClient(f"http://127.0.0.1:{port}", retry_max_delay=0.5)
+    watcher: asyncio.Task[None] | None = None
+    try:
+        async with serve_store(tmp_path / "a", port=port, **FAST) as first:
+            for i in range(30):  # push the index well above a fresh store's
+                await first.http.put("/v1/kv/cfg/a", content=str(i).encode())
+            high = first.store.state.index
+            watcher = asyncio.create_task(watch(client))
+            assert await next_keys(["cfg/a"])
+        # A different, empty store on the same address: the index went backwards.
+        async with serve_store(tmp_path / "b", port=port, **FAST) as second:
+            assert second.store.state.index < high
+            await second.http.put("/v1/kv/cfg/b", content=b"new")
+            assert await next_keys(["cfg/b"])
+        # The same store restarted: its data and index come back from SQLite.
+        async with serve_store(tmp_path / "b", port=port, **FAST) as third:
+            await third.http.put("/v1/kv/cfg/c", content=b"more")
+            assert await next_keys(["cfg/b", "cfg/c"])
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await client.close()
