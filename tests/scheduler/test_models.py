@@ -375,3 +375,32 @@ def test_merge_without_partial_replaces_definition() -> None:
     replaced = merge_app(app, {"cmd": "y"}, partial=False)
     assert (replaced.cmd, replaced.env, replaced.instances) == ("y", {}, 1)
     assert replaced.id == "/a" and replaced.version > app.version
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        ({"instances": 1e300}, "/instances"),
+        ({"instances": 20_000}, "/instances"),
+        ({"backoffSeconds": 1e300}, "/backoffSeconds"),
+        (
+            {"healthChecks": [{"protocol": "TCP", "intervalSeconds": 2**40}]},
+            "/healthChecks(0)/intervalSeconds",
+        ),
+        ({"env": {"A": "x\x00y"}}, "/env/A"),
+        ({"env": {"A=B": "x"}}, "/env/A=B"),
+        ({"labels": {"": "x"}}, "/labels/"),
+        ({"cmd": "x\x00"}, "/cmd"),
+        ({"cpus": float("nan")}, "/cpus"),
+    ],
+)
+def test_hostile_values_are_refused(doc: dict[str, Any], path: str) -> None:
+    with pytest.raises(ValidationFailed) as exc:
+        parse_app({"id": "a", "cmd": "x", **doc})
+    assert path in details(exc)
+
+
+def test_nul_in_args_refused() -> None:
+    with pytest.raises(ValidationFailed) as exc:
+        parse_app({"id": "a", "args": ["a\x00"]})
+    assert "/args" in details(exc)

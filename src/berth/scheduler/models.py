@@ -109,6 +109,9 @@ MODELLED_FIELDS = frozenset(
 KNOWN_FIELDS = MODELLED_FIELDS | READ_ONLY_FIELDS | frozenset(PASSTHROUGH_FIELDS)
 
 DEFAULT_KILL_GRACE_SECONDS = 3.0
+MAX_NUMBER = 2**31 - 1
+# One machine's worth: beyond this a typo (1e6) would fork-bomb the host.
+MAX_INSTANCES = 10_000
 EMBEDS = frozenset({"tasks", "counts", "deployments", "lastTaskFailure", "readiness", "taskStats"})
 LOCAL_AGENT_ID = "berth-local"
 
@@ -320,8 +323,10 @@ class _Errors:
         if minimum is not None and value < minimum:
             self.add(where, f"got {value}, expected {minimum:g} or more")
             return default
-        if maximum is not None and value > maximum:
-            self.add(where, f"got {value}, expected {maximum:g} or less")
+        # Marathon's fields are Ints; the bound also keeps every timer finite.
+        limit = MAX_NUMBER if maximum is None else maximum
+        if value > limit:
+            self.add(where, f"got {value}, expected {limit:g} or less")
             return default
         return int(value) if integer else float(value)
 
@@ -348,6 +353,12 @@ class _Errors:
         for name, item in value.items():
             if not isinstance(item, str):
                 self.add(f"/{key}/{name}", f"expected a string, got {type(item).__name__}")
+            elif "\0" in item or "\0" in name or not name or "=" in name:
+                # They become environment variables, which cannot hold these.
+                self.add(
+                    f"/{key}/{name}",
+                    "names must be non-empty without '=' or NUL; values without NUL",
+                )
             else:
                 out[str(name)] = item
         return out
@@ -508,14 +519,16 @@ def parse_app(doc: Any, *, app_id: str | None = None) -> AppDefinition:
             errors.add("/id", message)
 
     cmd = doc.get("cmd")
-    if cmd is not None and (not isinstance(cmd, str) or not cmd.strip()):
-        errors.add("/cmd", "expected a non-empty string")
+    if cmd is not None and (not isinstance(cmd, str) or not cmd.strip() or "\0" in cmd):
+        errors.add("/cmd", "expected a non-empty string without NUL bytes")
         cmd = None
     args_raw = doc.get("args")
     args: tuple[str, ...] | None = None
     if args_raw is not None:
-        if not isinstance(args_raw, list) or not all(isinstance(a, str) for a in args_raw):
-            errors.add("/args", "expected an array of strings")
+        if not isinstance(args_raw, list) or not all(
+            isinstance(a, str) and "\0" not in a for a in args_raw
+        ):
+            errors.add("/args", "expected an array of strings without NUL bytes")
         elif args_raw:
             args = tuple(args_raw)
     container, image = _parse_container(doc, errors)
@@ -528,7 +541,7 @@ def parse_app(doc: Any, *, app_id: str | None = None) -> AppDefinition:
 
     env = errors.string_map(doc, "env")
     labels = errors.string_map(doc, "labels")
-    instances = errors.integer(doc, "instances", 1, minimum=0)
+    instances = errors.integer(doc, "instances", 1, minimum=0, maximum=MAX_INSTANCES)
     cpus = errors.number(doc, "cpus", 1.0, minimum=0.001)
     mem = errors.number(doc, "mem", 128.0, minimum=0)
     disk = errors.number(doc, "disk", 0.0, minimum=0)
