@@ -80,6 +80,11 @@ class FakeScheduler:
         self._ids = itertools.count(1)
         self.locked = False
         self.delays_reset: list[str] = []
+        self.ready = asyncio.Event()
+        self.ready.set()
+
+    async def wait_ready(self) -> None:
+        await self.ready.wait()
 
     def _deploy(self, action: str, app: AppDefinition) -> Deployment:
         deployment = Deployment(
@@ -451,3 +456,16 @@ async def test_sse_frames_heartbeats_and_detach(scheduler: FakeScheduler) -> Non
     detached = await asyncio.wait_for(anext(watcher), 10)
     assert detached["remoteAddress"] == "127.0.0.1"
     assert bus.subscriber_count == 1
+
+
+async def test_not_ready_is_503_after_a_bounded_wait(
+    client: httpx.AsyncClient, scheduler: FakeScheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from berth.scheduler import api
+
+    monkeypatch.setattr(api, "READY_TIMEOUT_SECONDS", 0.01)
+    scheduler.ready.clear()
+    r = await client.get("/v2/apps")
+    assert r.status_code == 503 and "loading" in r.json()["message"]
+    assert (await client.get("/ping")).status_code == 200
+    assert (await client.get("/v2/info")).status_code == 200

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from berth.cli.scheduler import CliError, health_summary, load_app_file, ui_status
@@ -147,8 +148,11 @@ def test_cli_against_real_server(url: str, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "restarted /cli: 2 of 2 running" in r.stdout
 
+    # The file is the whole definition: a label removed from it goes away.
+    app_file.write_text(app_file.read_text().replace('BERTH_TEST = "cli"\n', ""))
     r = berth_cli("deploy", str(app_file), "--no-wait", url=url)
     assert r.returncode == 0 and "updated /cli: deployment" in r.stdout
+    assert httpx.get(f"{url}/v2/apps/cli").json()["app"]["labels"] == {}
 
     r = berth_cli("tasks", url=url)
     assert r.returncode == 0 and "ENDPOINTS" in r.stdout

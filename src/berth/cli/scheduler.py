@@ -327,9 +327,9 @@ def deploy(client: MarathonClient, file: Path, force: bool, no_wait: bool, timeo
         deployment_id = resp.headers.get("Marathon-Deployment-Id", "")
         verb = "created"
     else:
-        resp = client.request(
-            "PUT", _app_path(app_id), params={"force": str(force).lower()}, body=doc
-        )
+        # The file is the whole definition: keys removed from it must go away too.
+        params = {"force": str(force).lower(), "partialUpdate": "false"}
+        resp = client.request("PUT", _app_path(app_id), params=params, body=doc)
         deployment_id = resp.json()["deploymentId"]
         verb = "updated"
     _finish(client, deployment_id, app_id, no_wait, timeout, verb)

@@ -50,6 +50,7 @@ log = logging.getLogger("berth.scheduler.api")
 
 MAX_BODY_BYTES = 1024 * 1024
 HEARTBEAT_SECONDS = 15.0
+READY_TIMEOUT_SECONDS = 10.0
 DEPLOYMENT_HEADER = "Marathon-Deployment-Id"
 TASK_STATUSES = {
     "staging": "TASK_STAGING",
@@ -66,6 +67,7 @@ TASK_STATUSES = {
 class SchedulerAPI(Protocol):
     """What the API needs from ``berth.scheduler.core.Scheduler``."""
 
+    async def wait_ready(self) -> None: ...
     def apps(self) -> Sequence[AppDefinition]: ...
     def app(self, app_id: str) -> AppDefinition | None: ...
     def status(self, app_id: str) -> StatusView: ...
@@ -527,11 +529,24 @@ def _error_response(exc: Exception) -> JSONResponse:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _guarded(handler: Handler) -> Handler:
-    """Every failure becomes a Marathon JSON error; the server never drops the request."""
+def _guarded(handler: Handler, ready: Callable[[], Awaitable[None]] | None = None) -> Handler:
+    """Every failure becomes a Marathon JSON error; the server never drops the request.
+
+    With ``ready``, the handler first waits (bounded) for the scheduler to have
+    loaded its state: before that, reads would show no apps and writes would
+    race recovery. Marathon answers 503 while it has no elected leader.
+    """
 
     async def run(request: Request) -> Response:
         try:
+            if ready is not None:
+                try:
+                    async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+                        await ready()
+                except TimeoutError:
+                    raise ApiError(
+                        503, "the scheduler is still loading its state from the store; retry"
+                    ) from None
             return await handler(request)
         except Exception as exc:
             return _error_response(exc)
@@ -551,12 +566,15 @@ class _Endpoint:
 
 def build_app(api: MarathonAPI) -> Starlette:
     def route(path: str, handler: Handler, methods: list[str]) -> Route:
+        return Route(path, _guarded(handler, api.scheduler.wait_ready), methods=methods)
+
+    def open_route(path: str, handler: Handler, methods: list[str]) -> Route:
         return Route(path, _guarded(handler), methods=methods)
 
     routes = [
-        route("/ping", api.ping, ["GET", "HEAD"]),
-        route("/v2/info", api.info, ["GET"]),
-        route("/v2/leader", api.leader, ["GET"]),
+        open_route("/ping", api.ping, ["GET", "HEAD"]),
+        open_route("/v2/info", api.info, ["GET"]),
+        open_route("/v2/leader", api.leader, ["GET"]),
         route("/v2/apps", api.list_apps, ["GET"]),
         route("/v2/apps", api.create_app, ["POST"]),
         route("/v2/apps/{app_id:path}/restart", api.restart_app, ["POST"]),
