@@ -44,6 +44,9 @@ async def test_client_calls(running: RunningStore) -> None:
         with pytest.raises(StoreRejected) as err:
             await client.kv_put("c/\x01x", "1")
         assert err.value.status == 400
+        with pytest.raises(StoreRejected):
+            await client.kv_put("c/../x", "1")
+        assert await client.kv_get("x") is None
         assert await client.kv_put("c/odd?key#%20", "1") is True
         odd = await client.kv_get("c/odd?key#%20")
         assert odd is not None and odd.key == "c/odd?key#%20"

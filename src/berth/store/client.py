@@ -413,8 +413,11 @@ class StoreClient:
 
 def _path(key: str) -> str:
     # Percent-encode so "?", "#", "%" and control characters stay part of the
-    # key (the store then judges the key, instead of httpx refusing the URL).
-    return quote(key, safe="/")
+    # key (the store then judges the key, instead of httpx refusing the URL),
+    # and "." / ".." segments too: httpx would otherwise resolve them and write
+    # "a/../b" to "b" instead of letting the store refuse it.
+    segments = quote(key, safe="/").split("/")
+    return "/".join(s.replace(".", "%2E") if s in (".", "..") else s for s in segments)
 
 
 def _segment(name: str) -> str:
