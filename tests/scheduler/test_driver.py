@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from berth.scheduler.errors import LaunchFailed, UnsupportedApp
 from berth.scheduler.models import parse_app
 from berth.scheduler.ports import NoPortsLeft, PortAllocator
 from berth.scheduler.tasklog import TaskLog
+from tests.scheduler.core_support import await_until
 
 
 @pytest.fixture
@@ -88,8 +88,7 @@ async def test_missing_executable_fails_the_launch(driver: ProcessDriver, tmp_pa
 async def test_stop_sends_sigterm_to_the_whole_group(driver: ProcessDriver, tmp_path: Path) -> None:
     s = spec(tmp_path, cmd="sleep 300 & echo $!; wait")
     task = await driver.launch(s)
-    while not s.log_path.exists() or not s.log_path.read_text():
-        await asyncio.sleep(0.02)
+    await await_until(lambda: s.log_path.exists() and bool(s.log_path.read_text()))
     child = int(records(s.log_path)[0]["log"])
     result = await task.stop(grace_seconds=10)
     assert result.killed_by_us and result.returncode != 0
@@ -99,11 +98,13 @@ async def test_stop_sends_sigterm_to_the_whole_group(driver: ProcessDriver, tmp_
 async def test_sigterm_ignored_means_sigkill_after_grace(
     driver: ProcessDriver, tmp_path: Path
 ) -> None:
-    code = "import signal,time,sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(300)"
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        "print('up', flush=True); time.sleep(300)"
+    )
     s = spec(tmp_path, args=(sys.executable, "-c", code))
     task = await driver.launch(s)
-    while "up" not in (s.log_path.read_text() if s.log_path.exists() else ""):
-        await asyncio.sleep(0.02)
+    await await_until(lambda: s.log_path.exists() and "up" in s.log_path.read_text())
     result = await task.stop(grace_seconds=0.3)
     assert result.returncode == -signal.SIGKILL
 
@@ -130,9 +131,7 @@ async def test_rlimit_fallback_limits_address_space(tmp_path: Path) -> None:
         d.close()
 
 
-async def test_reap_orphans_kills_processes_of_stale_tasks(
-    driver: ProcessDriver, tmp_path: Path
-) -> None:
+def test_reap_orphans_kills_processes_of_stale_tasks(driver: ProcessDriver, tmp_path: Path) -> None:
     env = {**os.environ, "MESOS_TASK_ID": "stale.1"}
     orphan = subprocess.Popen(["sleep", "300"], env=env, start_new_session=True)
     bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
@@ -189,7 +188,7 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-async def test_tasks_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+def test_tasks_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     with subprocess.Popen(
         [sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True
     ) as sup:

@@ -6,11 +6,11 @@ if the control plane is killed (even by SIGKILL) the kernel kills the task
 leader, and the reaper sidecar (``reaper.py``) kills the rest of each task
 (``sh -c`` forks the real program, which PDEATHSIG does not reach). On the
 next start the scheduler reaps anything still carrying a stored task's
-``MESOS_TASK_ID`` and starts fresh tasks. Re-adopting live tasks instead was rejected: a task's stdout/stderr
-pipe runs through the control plane (that is how the json-file logs are
-written), so a task outliving it would write into a closed pipe, unsupervised
-and unlogged, until someone restarted berth. ``berth up`` relies on this: after
-the control plane exits, no task process remains.
+``MESOS_TASK_ID`` and starts fresh tasks. Re-adopting live tasks instead was
+rejected: a task's stdout/stderr pipe runs through the control plane (that is
+how the json-file logs are written), so a task outliving it would write into a
+closed pipe, unsupervised and unlogged, until someone restarted berth. ``berth
+up`` relies on this: after the control plane exits, no task process remains.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -131,8 +130,9 @@ class ProcessTask:
     async def _release_cgroup(self) -> None:
         # Killed processes leave their cgroup a moment after the leader is reaped;
         # nothing signals that, so poll briefly with a deadline.
-        deadline = time.monotonic() + 2.0
-        while self._limiter.pids(self.spec.task_id) and time.monotonic() < deadline:
+        for _ in range(100):
+            if not self._limiter.pids(self.spec.task_id):
+                break
             await asyncio.sleep(0.02)
         self._limiter.release(self.spec.task_id)
 
