@@ -489,6 +489,12 @@ class Cluster:
                 best, best_key = server, key
         if best is not None:
             best.unstable = True
+            if not exclude:
+                # One server is the protected one; an earlier choice that is no
+                # longer the least bad goes back to showing its own status.
+                for server in self.servers:
+                    if server is not best:
+                        server.unstable = False
         return best
 
     def has_available(self) -> bool:
