@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -168,3 +170,15 @@ class EventStream:
 async def api_client(url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         yield client
+
+
+def berth_cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BERTH_URL": url, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "berth.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=110,
+        check=False,
+    )

@@ -10,6 +10,7 @@ import pytest
 from tests.scheduler.api_support import (
     EventStream,
     api_client,
+    berth_cli,
     never_healthy,
     port_open,
     running_server,
@@ -186,3 +187,47 @@ async def test_event_stream_attach_detach(url: str) -> None:
             assert attached["remoteAddress"] == "127.0.0.1"
             assert all(e["eventType"] == "api_post_event" for e in filtered.seen)
         await watcher.wait_for("event_stream_detached")
+
+
+async def test_crashing_app_is_delayed_with_its_last_failure(url: str) -> None:
+    crash = {
+        "id": "crash",
+        "cmd": "echo boom >&2; exit 3",
+        "portDefinitions": [],
+        "cpus": 0.1,
+        "mem": 32,
+        # Long enough that the app is surely still Delayed when we look.
+        "backoffSeconds": 600,
+    }
+    async with api_client(url) as http, EventStream(url) as events:
+        r = await http.post("/v2/apps", json=crash)
+        assert r.status_code == 201
+        first = await events.wait_for(
+            "status_update_event", appId="/crash", taskStatus="TASK_FAILED"
+        )
+
+        app = (await http.get("/v2/apps/crash")).json()["app"]
+        failure = app["lastTaskFailure"]
+        assert (failure["appId"], failure["taskId"], failure["state"]) == (
+            "/crash",
+            first["taskId"],
+            "TASK_FAILED",
+        )
+        queue = (await http.get("/v2/queue")).json()["queue"]
+        (entry,) = [q for q in queue if q["app"]["id"] == "/crash"]
+        assert entry["delay"]["overdue"] is False and entry["delay"]["timeLeftSeconds"] > 0
+
+        r = berth_cli("status", url=url)
+        (row,) = [line for line in r.stdout.splitlines() if line.startswith("/crash")]
+        assert "Delayed" in row and "0 of 1" in row
+
+        # Resetting the delay relaunches at once.
+        assert (await http.delete("/v2/queue/crash/delay")).status_code == 204
+        await events.wait_for(
+            "status_update_event",
+            appId="/crash",
+            taskStatus="TASK_FAILED",
+            where=lambda e: e["taskId"] != first["taskId"],
+        )
+        r = await http.delete("/v2/apps/crash?force=true")
+        await events.wait_for("deployment_success", id=r.json()["deploymentId"])

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,20 +10,7 @@ import httpx
 import pytest
 
 from berth.cli.scheduler import CliError, health_summary, load_app_file, ui_status
-from tests.scheduler.api_support import running_server, tiny_app
-
-
-def berth_cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "BERTH_URL": url, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "berth.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=110,
-        check=False,
-    )
-
+from tests.scheduler.api_support import berth_cli, running_server, tiny_app
 
 # --------------------------------------------------------------------------- pure
 
