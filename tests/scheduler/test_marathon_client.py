@@ -181,3 +181,22 @@ def test_marathon_client_locks_and_errors(url: str) -> None:
     assert exc.value.status_code == 409
     client.delete_deployment(created.deployments[0].id, force=True)
     client.delete_app("locked", force=True)
+
+
+def test_marathon_client_parses_queue_and_failures(url: str) -> None:
+    client = MarathonClient(url, timeout=30)
+    reader = EventReader(MarathonClient(url, timeout=None))
+    reader.wait_for("event_stream_attached")
+    crash = MarathonApp(
+        cmd="exit 3", cpus=0.1, mem=32, backoff_seconds=600, port_definitions=[], instances=1
+    )
+    client.create_app("crash-compat", crash)
+    reader.wait_for("status_update_event", app_id="/crash-compat", task_status="TASK_FAILED")
+
+    app = client.get_app("crash-compat", embed_last_task_failure=True, embed_counts=True)
+    assert app.last_task_failure.state == "TASK_FAILED"
+    assert app.last_task_failure.timestamp is not None
+    (item,) = [q for q in client.list_queue() if q.app.id == "/crash-compat"]
+    assert item.delay.overdue is False and item.delay.time_left_seconds > 0
+    assert item.count == 1
+    client.delete_app("crash-compat", force=True)
