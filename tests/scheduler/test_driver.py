@@ -119,6 +119,19 @@ async def test_memory_limit_kills_and_reports_oom(driver: ProcessDriver, tmp_pat
     assert "Memory limit" in result.message
 
 
+async def test_cgroup_limits_match_the_app(driver: ProcessDriver, tmp_path: Path) -> None:
+    if not driver.limiter.kind.startswith("cgroup"):
+        pytest.skip(f"no writable cgroup controllers here ({driver.limiter!r})")
+    task = await driver.launch(spec(tmp_path, cmd="sleep 300", cpus=0.5, mem=96.0))
+    try:
+        limits = driver.limiter.in_force("t.1")
+        assert limits == {"memory": 96 * 1024 * 1024, "cpu_quota": 50_000}
+        assert task.pid in driver.limiter.pids("t.1")
+    finally:
+        await task.stop(grace_seconds=5)
+    assert driver.limiter.pids("t.1") == []
+
+
 async def test_rlimit_fallback_limits_address_space(tmp_path: Path) -> None:
     d = ProcessDriver(tmp_path / "sb", Limiter("rlimit"), 1 << 20, 2)
     code = "x = bytearray(300 * 1024 * 1024)"

@@ -180,6 +180,7 @@ class Scheduler:
         # The store is often already gone at shutdown (it is served by this process):
         # deregister best-effort and quickly; the next start cleans up what is left.
         self.registry.ack_timeout = min(self.registry.ack_timeout, 0.5)
+        self.registry.quiet = True
         stops = [
             self._stop_task(rt, task, "control plane stopping")
             for rt in self._apps.values()
@@ -207,6 +208,10 @@ class Scheduler:
                         await self._reconcile(rt)
                     except StoreError as exc:
                         log.warning("reconcile %s: store error %s; retrying", rt.app.id, exc)
+                        self._wake_later(1.0)
+                    except Exception:
+                        # One app's bug must not stop supervision of every other app.
+                        log.exception("reconcile %s failed; retrying", rt.app.id)
                         self._wake_later(1.0)
 
     def _wake_later(self, delay: float) -> None:
@@ -623,6 +628,11 @@ class Scheduler:
             self._record_failure(rt, task, str(exc))
             return False
         self._handles[task_id] = handle
+        self._spawn(self._watch(rt, task, handle))
+        if task.state is TaskState.KILLING:
+            # Killed (API) while it was being launched: stop it now that it has a handle.
+            self._spawn(self._stop_task(rt, task, task.message))
+            return True
         task.pid = handle.pid
         task.create_time = handle.create_time
         task.limits_in_force = handle.limits_in_force
@@ -631,7 +641,6 @@ class Scheduler:
         task.running_mono = time.monotonic()
         self._publish_status(task)
         self._spawn(self._persist_task(task))
-        self._spawn(self._watch(rt, task, handle))
         if app.health_checks and self._probes is not None:
             health = TaskHealth(
                 task,

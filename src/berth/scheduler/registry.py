@@ -81,6 +81,7 @@ class Registry:
         self.store = store
         self.ack_timeout = ack_timeout
         self.registered: set[str] = set()
+        self.quiet = False
 
     def __repr__(self) -> str:
         return f"<Registry registered={len(self.registered)}>"
@@ -93,7 +94,9 @@ class Registry:
                 return await call()
             except StoreUnavailable as exc:
                 if time.monotonic() + delay > deadline:
-                    log.warning("%s: store unavailable (%s); giving up", what, exc)
+                    # At shutdown the embedded store is already gone; recovery cleans up.
+                    level = logging.DEBUG if self.quiet else logging.WARNING
+                    log.log(level, "%s: store unavailable (%s); giving up", what, exc)
                     return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

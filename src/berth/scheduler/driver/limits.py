@@ -163,6 +163,22 @@ class Limiter:
             return Prepared("rlimit", rlimit_as=mem)
         return Prepared("none")
 
+    def in_force(self, task_id: str) -> dict[str, int | None]:
+        """The memory limit (bytes) and CPU quota (µs per 100 ms) the kernel holds for a task."""
+        if self.kind == "cgroup-v2":
+            d = self._parents["unified"] / task_id
+            mem = (d / "memory.max").read_text().strip()
+            quota = (d / "cpu.max").read_text().split()[0]
+            return {
+                "memory": None if mem == "max" else int(mem),
+                "cpu_quota": None if quota == "max" else int(quota),
+            }
+        if self.kind == "cgroup-v1":
+            mem_v1 = int((self._parents["memory"] / task_id / "memory.limit_in_bytes").read_text())
+            quota_v1 = int((self._parents["cpu"] / task_id / "cpu.cfs_quota_us").read_text())
+            return {"memory": mem_v1, "cpu_quota": None if quota_v1 < 0 else quota_v1}
+        return {"memory": None, "cpu_quota": None}
+
     def oom_killed(self, task_id: str) -> bool:
         """Whether the kernel OOM-killed a process of the task's memory cgroup."""
         if self.kind == "cgroup-v2":
