@@ -35,6 +35,19 @@ SERVER = (
 )
 
 
+# On SIGTERM, records what the store's catalog says about its service at that moment.
+RECORDS_CATALOG_ON_SIGTERM = (
+    "import os,signal,urllib.request\n"
+    "def term(*_):\n"
+    "    url = os.environ['STORE'] + '/v1/health/service/' + os.environ['SVC']\n"
+    "    body = urllib.request.urlopen(url).read()\n"
+    "    with open(os.path.join(os.environ['OUT'], os.environ['MESOS_TASK_ID']), 'wb') as f:\n"
+    "        f.write(body)\n"
+    "    os._exit(0)\n"
+    "signal.signal(signal.SIGTERM, term)\n" + SERVER
+)
+
+
 def http_app(app_id: str, instances: int = 1, **extra: Any) -> AppDefinition:
     doc: dict[str, Any] = {
         "id": app_id,

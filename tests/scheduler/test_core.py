@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from berth.scheduler import models
 from berth.scheduler.errors import AppExists, AppLocked, UnknownApp, UnknownTask, UnsupportedApp
 from berth.scheduler.state import TaskState
 from tests.scheduler.core_support import (
+    RECORDS_CATALOG_ON_SIGTERM,
     Events,
     await_until,
     control_plane,
@@ -89,6 +91,23 @@ async def test_killed_task_is_replaced_and_scale_kill_shrinks(tmp_path: Path) ->
         assert [t.id for t in sched.tasks("/k")] != [other.id]
         with pytest.raises(UnknownTask):
             await sched.kill_tasks(["nope.1"], scale=False)
+        ev.close()
+
+
+async def test_task_leaves_the_catalog_before_it_gets_sigterm(tmp_path: Path) -> None:
+    async with control_plane(tmp_path / "cp") as plane:
+        sched = plane.scheduler
+        ev = Events(plane.events)
+        env = {"STORE": plane.url, "SVC": "drain", "OUT": str(tmp_path)}
+        app = http_app("/drain", env=env, args=[sys.executable, "-c", RECORDS_CATALOG_ON_SIGTERM])
+        dep = await sched.create_app(app)
+        await ev.wait_for("deployment_success", id=dep.id)
+        (task,) = sched.tasks("/drain")
+        assert await passing(plane, "drain") == {task.id}
+        await sched.kill_tasks([task.id], scale=False)
+        await ev.wait_for("status_update_event", taskId=task.id, taskStatus="TASK_KILLED")
+        seen_at_sigterm = json.loads((tmp_path / task.id).read_text())
+        assert task.id not in {entry["Service"]["ID"] for entry in seen_at_sigterm}
         ev.close()
 
 
