@@ -139,7 +139,8 @@ async def test_rlimit_fallback_limits_address_space(tmp_path: Path) -> None:
         task = await d.launch(spec(tmp_path, args=(sys.executable, "-c", code), mem=128.0))
         assert task.limits_in_force == "rlimit"
         result = await task.wait()
-        assert result.returncode == 1  # MemoryError
+        assert result.returncode == 1 and result.oom  # MemoryError
+        assert "RLIMIT_AS" in result.message
     finally:
         d.close()
 

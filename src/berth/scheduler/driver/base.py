@@ -31,6 +31,8 @@ class Exit:
     returncode: int
     oom: bool = False
     killed_by_us: bool = False
+    # Which mechanism caught the memory overrun: the cgroup OOM killer or RLIMIT_AS.
+    limit: str = "cgroup"
 
     @property
     def succeeded(self) -> bool:
@@ -38,6 +40,8 @@ class Exit:
 
     @property
     def message(self) -> str:
+        if self.oom and self.limit == "rlimit":
+            return "Memory limit exceeded: an allocation failed under RLIMIT_AS (mem)"
         if self.oom:
             return "Memory limit exceeded: the task was OOM-killed (its memory cgroup hit mem)"
         if self.killed_by_us:

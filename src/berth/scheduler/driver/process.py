@@ -41,6 +41,7 @@ PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 # Docker's json-file driver splits lines at 16 KiB; so do we, to bound memory per task.
 MAX_LINE = 16 * 1024
+RLIMIT_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
 
 
 def _child_setup(parent_pid: int, prepared: Prepared) -> None:
@@ -76,6 +77,7 @@ class ProcessTask:
         self._log = tasklog
         self._sandbox = sandbox
         self._stopping = False
+        self._stderr_tail = b""
         self._pumps = [
             asyncio.ensure_future(self._pump(proc.stdout, "stdout")),
             asyncio.ensure_future(self._pump(proc.stderr, "stderr")),
@@ -91,6 +93,8 @@ class ProcessTask:
             return
         pending = b""
         while chunk := await stream.read(65536):
+            if name == "stderr":
+                self._stderr_tail = (self._stderr_tail + chunk)[-4096:]
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
@@ -123,9 +127,17 @@ class ProcessTask:
             pump.cancel()
         self._log.close()
         oom = returncode != 0 and self._limiter.oom_killed(self.spec.task_id)
+        limit = "cgroup"
+        if not oom and returncode != 0 and self.limits_in_force == "rlimit" and not self._stopping:
+            # Under RLIMIT_AS nothing kills the task: an allocation fails and the
+            # runtime says so on stderr, which is the only evidence there is.
+            oom = any(marker in self._stderr_tail for marker in RLIMIT_MARKERS)
+            limit = "rlimit"
         await self._release_cgroup()
         shutil.rmtree(self._sandbox, ignore_errors=True)
-        return Exit(returncode=returncode, oom=oom, killed_by_us=self._stopping and not oom)
+        return Exit(
+            returncode=returncode, oom=oom, killed_by_us=self._stopping and not oom, limit=limit
+        )
 
     async def _release_cgroup(self) -> None:
         # Killed processes leave their cgroup a moment after the leader is reaped;
