@@ -190,6 +190,9 @@ BAD_REQUESTS = [
     ("PUT", "/upstream/x", b"{nope", 400, "decode body error"),
     ("PUT", "/upstream/x", b"", 400, "decode body error"),
     ("PUT", "/upstream/x", b"[]", 400, "body invalid: must be a JSON object"),
+    ("PUT", "/upstream/x", b"[" * 100_000, 400, "decode body error"),
+    ("PUT", "/upstream/x", b'{"servers":[{"host":"a","port":1e999}]}', 400, "body invalid"),
+    ("PUT", "/upstream/x", b"\xff\xfe", 400, "decode body error"),
     (
         "PUT",
         "/upstream/x",

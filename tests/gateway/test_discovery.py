@@ -223,8 +223,10 @@ async def test_bad_json_keeps_the_last_good_value(discovery: Discovery, store: S
     key = "berth/gateway/routes/bad.example.com"
     await store.kv_put_json(key, {"cluster": "good"})
     await until(discovery, lambda: discovery.table.find_route("bad.example.com", "/") is not None)
+    await store.kv_put(key, b"[" * 100_000)
+    await until(discovery, lambda: "nested too deeply" in discovery.bad_keys.get(key, ""))
     await store.kv_put(key, b"{not json")
-    await until(discovery, lambda: key in discovery.bad_keys)
+    await until(discovery, lambda: "not valid JSON" in discovery.bad_keys.get(key, ""))
     route = discovery.table.find_route("bad.example.com", "/")
     assert route is not None and route.cluster == "good"
     await store.kv_put_json(key, {"cluster": "good", "lb": "fastest"})

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -172,3 +173,94 @@ def test_table_repr_and_immutability() -> None:
     )
     with pytest.raises(TypeError):
         table.clusters["z"] = Cluster("z", ())  # type: ignore[index]
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> Any:
+    kinds = ["int", "float", "str", "bool", "null", "big"]
+    if depth < 3:
+        kinds += ["list", "dict", "dict"]
+    kind = rng.choice(kinds)
+    if kind == "int":
+        return rng.randint(-5, 70000)
+    if kind == "big":
+        return rng.choice([10**30, -(10**30), 1e308, float("inf"), float("nan"), 2**63])
+    if kind == "float":
+        return rng.uniform(-10, 100)
+    if kind == "str":
+        return rng.choice(
+            ["", "/", "a", "*.x", "round_robin", "hash", "ip", "x y", "\r\n", "é", "2xx"]
+        )
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    if kind == "list":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    keys = [
+        "cluster", "service", "path_prefix", "lb", "hash_on", "hash_header", "timeouts", "tries",
+        "try_timeout", "limits", "connect", "read", "send", "total", "rate", "burst", "rate_key",
+        "max_concurrent", "max_body_size", "servers", "cluster", "host", "port", "weight",
+        "health_check", "type", "path", "statuses", "interval", "rise", "fall", "protected", "zz",
+    ]  # fmt: skip
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+
+
+VALID_ROUTE: dict[str, Any] = {
+    "cluster": "img",
+    "path_prefix": "/api",
+    "lb": "hash",
+    "hash_on": "header",
+    "timeouts": {"connect": 1, "read": 5, "send": 5, "total": 30},
+    "tries": 3,
+    "try_timeout": 2,
+    "limits": {"rate": 10, "burst": 5, "rate_key": "ip", "max_concurrent": 4, "max_body_size": 9},
+}
+VALID_UPSTREAM: dict[str, Any] = {
+    "cluster": [
+        {"servers": [{"host": "10.0.0.1", "port": 80, "weight": 2, "max_fails": 1}]},
+        {"servers": [{"host": "b", "port": 81, "fail_timeout": 3}]},
+    ],
+    "health_check": {"type": "http", "path": "/h", "statuses": [200, "3xx"], "interval": 1},
+    "protected": True,
+}
+
+
+def _mutate(rng: random.Random, doc: Any) -> Any:
+    """A copy of ``doc`` with one random node replaced, removed or added to."""
+    if isinstance(doc, dict) and doc and rng.random() < 0.7:
+        key = rng.choice(list(doc))
+        out = dict(doc)
+        roll = rng.random()
+        if roll < 0.15:
+            del out[key]
+        elif roll < 0.25:
+            out["bogus"] = _random_json(rng)
+        else:
+            out[key] = _mutate(rng, doc[key])
+        return out
+    if isinstance(doc, list) and doc and rng.random() < 0.7:
+        out = list(doc)
+        i = rng.randrange(len(out))
+        out[i] = _mutate(rng, out[i])
+        return out
+    return _random_json(rng)
+
+
+def test_hostile_documents_only_raise_value_error() -> None:
+    from berth.gateway.cluster import parse_upstream
+
+    rng = random.Random(1234)
+    accepted = rejected = 0
+    for _ in range(3000):
+        cases = [
+            (lambda d: parse_route("h.example.com", d), _mutate(rng, VALID_ROUTE)),
+            (lambda d: parse_upstream("u", d), _mutate(rng, VALID_UPSTREAM)),
+        ]
+        for parse, doc in cases:
+            try:
+                parse(doc)
+                accepted += 1
+            except ValueError as exc:
+                rejected += 1
+                assert str(exc) and len(str(exc)) < 400
+    assert accepted > 500 and rejected > 500

@@ -205,7 +205,7 @@ async def _read_json(request: Request) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise AdminError(400, "decode body error") from None
 
 

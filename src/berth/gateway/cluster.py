@@ -240,20 +240,29 @@ class UpstreamSpec:
 def _int(doc: Mapping[str, Any], key: str, where: str, default: int, lo: int, hi: int) -> int:
     value = doc.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{where}{key}: must be an integer from {lo} to {hi}, got {value!r}")
+        raise ValueError(f"{where}{key}: must be an integer from {lo} to {hi}, got {_short(value)}")
     return value
 
 
-def _float(doc: Mapping[str, Any], key: str, where: str, default: float, lo: float) -> float:
+def _float(
+    doc: Mapping[str, Any], key: str, where: str, default: float, lo: float, hi: float = 86400.0
+) -> float:
     value = doc.get(key, default)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or value < lo
+        or not lo <= value <= hi
     ):
-        raise ValueError(f"{where}{key}: must be a number >= {lo:g}, got {value!r}")
+        raise ValueError(
+            f"{where}{key}: must be a number from {lo:g} to {hi:g}, got {_short(value)}"
+        )
     return float(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _obj(value: Any, where: str) -> Mapping[str, Any]:
@@ -276,7 +285,7 @@ def parse_server(doc: Any, where: str, level: int) -> ServerSpec:
     _unknown(doc, _SERVER_FIELDS, where)
     host = doc.get("host")
     if not isinstance(host, str) or not host or len(host) > 253 or any(c in host for c in " /?#@"):
-        raise ValueError(f"{where}host: must be a host name or IP address, got {host!r}")
+        raise ValueError(f"{where}host: must be a host name or IP address, got {_short(host)}")
     host = host.strip("[]")
     return ServerSpec(
         host=host,
@@ -313,7 +322,9 @@ def _parse_statuses(value: Any) -> frozenset[int]:
             base = int(item[0]) * 100
             codes.update(range(base, base + 100))
         else:
-            raise ValueError(f'health_check.statuses: {item!r} is not a status or "2xx" class')
+            raise ValueError(
+                f'health_check.statuses: {_short(item)} is not a status or "2xx" class'
+            )
     return frozenset(codes)
 
 
@@ -325,21 +336,32 @@ def parse_check(doc: Any, defaults: CheckSpec) -> CheckSpec:
     _unknown(doc, _CHECK_FIELDS, "health_check.")
     kind = doc.get("type", defaults.type)
     if kind not in ("tcp", "http", "none"):
-        raise ValueError(f"health_check.type: must be tcp, http or none, got {kind!r}")
+        raise ValueError(f"health_check.type: must be tcp, http or none, got {_short(kind)}")
     path = doc.get("path", defaults.path)
-    if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " \r\n"):
-        raise ValueError(f"health_check.path: must be a path starting with '/', got {path!r}")
+    # Sent verbatim in the check's request line: printable ASCII without spaces only.
+    if (
+        not isinstance(path, str)
+        or not path.startswith("/")
+        or not (path.isascii() and path.isprintable())
+        or " " in path
+    ):
+        raise ValueError(f"health_check.path: must be a path starting with '/', got {_short(path)}")
     host = doc.get("host", defaults.host)
-    if host is not None and (not isinstance(host, str) or any(c in host for c in " \r\n")):
-        raise ValueError(f"health_check.host: must be a host name, got {host!r}")
+    if host is not None and (
+        not isinstance(host, str)
+        or not host
+        or not (host.isascii() and host.isprintable())
+        or any(c in host for c in " /")
+    ):
+        raise ValueError(f"health_check.host: must be a host name, got {_short(host)}")
     w = "health_check."
     return CheckSpec(
         type=kind,
         path=path,
         host=host,
         statuses=_parse_statuses(doc["statuses"]) if "statuses" in doc else defaults.statuses,
-        interval=_float(doc, "interval", w, defaults.interval, 0.05),
-        timeout=_float(doc, "timeout", w, defaults.timeout, 0.01),
+        interval=_float(doc, "interval", w, defaults.interval, 0.05, 3600.0),
+        timeout=_float(doc, "timeout", w, defaults.timeout, 0.01, 600.0),
         rise=_int(doc, "rise", w, defaults.rise, 1, 100),
         fall=_int(doc, "fall", w, defaults.fall, 1, 100),
     )
@@ -355,7 +377,7 @@ def parse_upstream(name: str, doc: Any, defaults: CheckSpec = CheckSpec()) -> Up
     from berth.gateway.routes import NAME_RE
 
     if not NAME_RE.match(name):
-        raise ValueError(f"name: {name!r} must match [-_a-zA-Z0-9.]+")
+        raise ValueError(f"name: {_short(name)} must match [-_a-zA-Z0-9.]+")
     doc = _obj(doc, "body")
     _unknown(doc, ("servers", "cluster", "health_check", "protected", "enable"), "")
     if ("servers" in doc) == ("cluster" in doc):
@@ -381,7 +403,7 @@ def parse_upstream(name: str, doc: Any, defaults: CheckSpec = CheckSpec()) -> Up
     check = parse_check(doc["health_check"], defaults) if "health_check" in doc else defaults
     protected = doc.get("protected", True)
     if not isinstance(protected, bool):
-        raise ValueError(f"protected: must be true or false, got {protected!r}")
+        raise ValueError(f"protected: must be true or false, got {_short(protected)}")
     return UpstreamSpec(name=name, levels=levels, check=check, protected=protected)
 
 

@@ -96,7 +96,7 @@ def parse_ejection(doc: Any) -> Ejection:
         raise ValueError("ejection: must be a JSON object")
     until = doc.get("until")
     if isinstance(until, bool) or not isinstance(until, int | float):
-        raise ValueError(f"until: must be epoch seconds, got {until!r}")
+        raise ValueError(f"until: must be epoch seconds, got {type(until).__name__}")
     by, reason = doc.get("by", ""), doc.get("reason", "")
     if not isinstance(by, str) or not isinstance(reason, str):
         raise ValueError("by/reason: must be strings")
@@ -109,6 +109,8 @@ def parse_entry(key: str, value: bytes, defaults: CheckSpec) -> tuple[str, Any]:
         doc = json.loads(value)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
     if key.startswith(ROUTES):
         return "route", parse_routes_value(key[len(ROUTES) :], doc)
     if key.startswith(UPSTREAMS):

@@ -68,18 +68,34 @@ class Route:
 # -- parsing ------------------------------------------------------------------------
 
 
+# Upper bounds keep absurd values from overflowing timers: a day for durations.
+MAX_SECONDS = 86400.0
+MAX_COUNT = 1 << 62
+
+
 def _number(
-    doc: Mapping[str, Any], key: str, where: str, default: float | None, *, minimum: float = 0.0
+    doc: Mapping[str, Any],
+    key: str,
+    where: str,
+    default: float | None,
+    *,
+    minimum: float = 0.0,
+    maximum: float = MAX_SECONDS,
 ) -> float | None:
     value = doc.get(key, default)
     if value is None:
         return None
     # bool is an int in Python; "tries": true is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{where}{key}: must be a number, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{where}{key}: must be >= {minimum:g}, got {value!r}")
+        raise ValueError(f"{where}{key}: must be a number, got {_short(value)}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{where}{key}: must be from {minimum:g} to {maximum:g}, got {value!r}")
     return float(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _integer(
@@ -89,9 +105,9 @@ def _integer(
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}{key}: must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{where}{key}: must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{where}{key}: must be an integer, got {_short(value)}")
+    if not minimum <= value <= MAX_COUNT:
+        raise ValueError(f"{where}{key}: must be from {minimum} to {MAX_COUNT}, got {value}")
     return value
 
 
@@ -100,7 +116,7 @@ def _choice(
 ) -> str:
     value = doc.get(key, default)
     if value not in allowed:
-        raise ValueError(f"{where}{key}: must be one of {', '.join(allowed)}; got {value!r}")
+        raise ValueError(f"{where}{key}: must be one of {', '.join(allowed)}; got {_short(value)}")
     return str(value)
 
 
@@ -148,7 +164,7 @@ def parse_route(host: str, doc: Mapping[str, Any]) -> Route:
     """Build a Route from its store JSON; ValueError naming the offending field."""
     route_host = normalize_host(host)
     if not HOST_RE.match(route_host):
-        raise ValueError(f"host: {host!r} is not a host name or *.suffix wildcard")
+        raise ValueError(f"host: {_short(host)} is not a host name or *.suffix wildcard")
     doc = _mapping(doc, "route")
     _no_unknown(doc, _ROUTE_FIELDS, "")
 
@@ -159,17 +175,17 @@ def parse_route(host: str, doc: Mapping[str, Any]) -> Route:
     if cluster is None:
         raise ValueError("cluster: required")
     if not isinstance(cluster, str) or not NAME_RE.match(cluster):
-        raise ValueError(f"cluster: must be a name of [-_a-zA-Z0-9.], got {cluster!r}")
+        raise ValueError(f"cluster: must be a name of [-_a-zA-Z0-9.], got {_short(cluster)}")
 
     prefix = doc.get("path_prefix", "/")
     if not isinstance(prefix, str) or not prefix.startswith("/") or any(c in prefix for c in "?# "):
-        raise ValueError(f"path_prefix: must be a path starting with '/', got {prefix!r}")
+        raise ValueError(f"path_prefix: must be a path starting with '/', got {_short(prefix)}")
 
     lb = _choice(doc, "lb", "", get_args(LbPolicy), "round_robin")
     hash_on = _choice(doc, "hash_on", "", get_args(HashOn), "uri")
     hash_header = doc.get("hash_header", "x-hash-key")
     if not isinstance(hash_header, str) or not HEADER_RE.match(hash_header):
-        raise ValueError(f"hash_header: must be a header name, got {hash_header!r}")
+        raise ValueError(f"hash_header: must be a header name, got {_short(hash_header)}")
 
     t = _mapping(doc.get("timeouts", {}), "timeouts")
     _no_unknown(t, ("connect", "send", "read", "total"), "timeouts.")
@@ -187,7 +203,7 @@ def parse_route(host: str, doc: Mapping[str, Any]) -> Route:
     # An explicit null means unlimited; a missing key means the default.
     max_body = _integer(lim, "max_body_size", "limits.", dl.max_body_size)
     limits = Limits(
-        rate=_number(lim, "rate", "limits.", None, minimum=0.001),
+        rate=_number(lim, "rate", "limits.", None, minimum=0.001, maximum=1e9),
         burst=_integer(lim, "burst", "limits.", 0) or 0,
         rate_key=_choice(lim, "rate_key", "limits.", get_args(RateKey), "ip"),  # type: ignore[arg-type]
         max_concurrent=_integer(lim, "max_concurrent", "limits.", None, minimum=1),
