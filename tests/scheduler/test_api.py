@@ -407,7 +407,7 @@ async def test_deeply_nested_json_is_400(client: httpx.AsyncClient) -> None:
 async def test_sse_frames_heartbeats_and_detach(scheduler: FakeScheduler) -> None:
     bus = EventBus()
     api = MarathonAPI(scheduler, bus)
-    api.heartbeat_seconds = 0.05
+    api.event_stream.heartbeat_seconds = 0.05
     app = build_app(api)
     gone = asyncio.Event()
     sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

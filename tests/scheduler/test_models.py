@@ -18,6 +18,10 @@ from berth.scheduler.models import (
     normalize_id,
     parse_app,
     parse_bool,
+    to_json,
+    with_instances,
+)
+from berth.scheduler.render import (
     parse_embed,
     render_app,
     render_deployment,
@@ -25,8 +29,6 @@ from berth.scheduler.models import (
     render_queue,
     render_task,
     render_tasks_text,
-    to_json,
-    with_instances,
 )
 
 

@@ -24,18 +24,20 @@ from starlette.types import Receive, Scope, Send
 from berth import __version__
 from berth.scheduler import errors
 from berth.scheduler.config import SchedulerConfig
-from berth.scheduler.events import EVENT_TYPES, EventBus, Subscription
+from berth.scheduler.events import EventBus, EventStreamEndpoint
 from berth.scheduler.models import (
     AppDefinition,
-    DeploymentView,
-    QueueView,
-    StatusView,
-    TaskView,
     ValidationFailed,
     merge_app,
     normalize_id,
     parse_app,
     parse_bool,
+)
+from berth.scheduler.render import (
+    DeploymentView,
+    QueueView,
+    StatusView,
+    TaskView,
     parse_embed,
     render_app,
     render_deployment,
@@ -49,7 +51,6 @@ from berth.store.client import StoreClient
 log = logging.getLogger("berth.scheduler.api")
 
 MAX_BODY_BYTES = 1024 * 1024
-HEARTBEAT_SECONDS = 15.0
 READY_TIMEOUT_SECONDS = 10.0
 DEPLOYMENT_HEADER = "Marathon-Deployment-Id"
 TASK_STATUSES = {
@@ -192,7 +193,7 @@ class MarathonAPI:
     def __init__(self, scheduler: SchedulerAPI, events: EventBus) -> None:
         self.scheduler = scheduler
         self.events = events
-        self.heartbeat_seconds = HEARTBEAT_SECONDS
+        self.event_stream = EventStreamEndpoint(events)
 
     def __repr__(self) -> str:
         return f"<MarathonAPI apps={len(self.scheduler.apps())} {self.events!r}>"
@@ -410,94 +411,6 @@ class MarathonAPI:
         await self.scheduler.reset_delay(app.id)
         return Response(status_code=204)
 
-    # ---- events
-
-    async def events_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        if request.method != "GET":
-            await _send_json(send, 405, {"message": "Method Not Allowed"})
-            return
-        if "text/event-stream" not in request.headers.get("accept", ""):
-            await _send_json(
-                send, 405, {"message": "GET /v2/events needs the header Accept: text/event-stream"}
-            )
-            return
-        types = set(request.query_params.getlist("event_type"))
-        unknown = sorted(types - EVENT_TYPES)
-        if unknown:
-            await _send_json(send, 400, {"message": f"Unknown event_type {unknown[0]!r}"})
-            return
-        remote = request.client.host if request.client else ""
-        subscription = self.events.subscribe(types or None)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream"),
-                    (b"cache-control", b"no-cache, no-store, must-revalidate"),
-                    (b"x-accel-buffering", b"no"),
-                ],
-            }
-        )
-        self.events.publish("event_stream_attached", {"remoteAddress": remote})
-        try:
-            await self._stream(subscription, receive, send)
-        finally:
-            subscription.close()
-            self.events.publish("event_stream_detached", {"remoteAddress": remote})
-
-    async def _stream(self, subscription: Subscription, receive: Receive, send: Send) -> None:
-        async def client_gone() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        gone = asyncio.ensure_future(client_gone())
-        try:
-            # The first comment flushes headers through proxies at once.
-            await send({"type": "http.response.body", "body": b": attached\n\n", "more_body": True})
-            while True:
-                nxt = asyncio.ensure_future(anext(subscription))
-                done, _ = await asyncio.wait(
-                    {nxt, gone}, timeout=self.heartbeat_seconds, return_when=asyncio.FIRST_COMPLETED
-                )
-                if gone in done:
-                    nxt.cancel()
-                    return
-                if nxt not in done:
-                    nxt.cancel()
-                    # A comment line keeps idle proxies and clients from timing out.
-                    await send({"type": "http.response.body", "body": b":\n\n", "more_body": True})
-                    continue
-                try:
-                    event = nxt.result()
-                except StopAsyncIteration:
-                    break
-                frame = f"event: {event['eventType']}\ndata: {json.dumps(event)}\n\n"
-                await send(
-                    {"type": "http.response.body", "body": frame.encode(), "more_body": True}
-                )
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            return
-        finally:
-            gone.cancel()
-
-
-async def _send_json(send: Send, status: int, body: Mapping[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
 
 # --------------------------------------------------------------------------- errors
 
@@ -554,16 +467,6 @@ def _guarded(handler: Handler, ready: Callable[[], Awaitable[None]] | None = Non
     return run
 
 
-class _Endpoint:
-    """A raw ASGI endpoint (Starlette treats a bound method as request -> response)."""
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
-
-
 def build_app(api: MarathonAPI) -> Starlette:
     def route(path: str, handler: Handler, methods: list[str]) -> Route:
         return Route(path, _guarded(handler, api.scheduler.wait_ready), methods=methods)
@@ -592,7 +495,7 @@ def build_app(api: MarathonAPI) -> Starlette:
         route("/v2/deployments/{deployment_id}", api.delete_deployment, ["DELETE"]),
         route("/v2/queue", api.get_queue, ["GET"]),
         route("/v2/queue/{app_id:path}/delay", api.reset_delay, ["DELETE"]),
-        Route("/v2/events", _Endpoint(api.events_endpoint)),
+        Route("/v2/events", api.event_stream),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -9,15 +9,20 @@ same way, and SSE clients reconnect.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
 
 from berth.scheduler.models import now_timestamp
 
 log = logging.getLogger("berth.scheduler.events")
 
 DEFAULT_QUEUE_SIZE = 1024
+HEARTBEAT_SECONDS = 15.0
 
 # Marathon's event types (docs/event-bus.md); filters naming anything else get a 400.
 EVENT_TYPES = frozenset(
@@ -148,3 +153,115 @@ class EventBus:
     def _remove(self, sub: Subscription) -> None:
         if sub in self._subscribers:
             self._subscribers.remove(sub)
+
+
+class EventStreamEndpoint:
+    """``GET /v2/events``: the bus as Server-Sent Events, Marathon's framing.
+
+    ``event: <type>`` / ``data: <json>`` frames; ``?event_type=`` (repeatable)
+    filters; a comment line every ``heartbeat_seconds`` keeps idle proxies and
+    clients from timing the stream out. A raw ASGI app because the stream must
+    also watch for the client's disconnect to publish the detach event.
+    """
+
+    def __init__(self, bus: EventBus, heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+        self.bus = bus
+        self.heartbeat_seconds = heartbeat_seconds
+
+    def __repr__(self) -> str:
+        return f"<EventStreamEndpoint heartbeat={self.heartbeat_seconds}s {self.bus!r}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        if request.method != "GET":
+            await _send_json(send, 405, {"message": "Method Not Allowed"})
+            return
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            message = "GET /v2/events needs the header Accept: text/event-stream"
+            await _send_json(send, 405, {"message": message})
+            return
+        types = set(request.query_params.getlist("event_type"))
+        unknown = sorted(types - EVENT_TYPES)
+        if unknown:
+            await _send_json(send, 400, {"message": f"Unknown event_type {unknown[0]!r}"})
+            return
+        remote = request.client.host if request.client else ""
+        # Subscribe before announcing, so the stream carries its own attach event.
+        subscription = self.bus.subscribe(types or None)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache, no-store, must-revalidate"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+        self.bus.publish("event_stream_attached", {"remoteAddress": remote})
+        try:
+            await self._stream(subscription, receive, send)
+        finally:
+            subscription.close()
+            self.bus.publish("event_stream_detached", {"remoteAddress": remote})
+
+    async def _stream(self, subscription: Subscription, receive: Receive, send: Send) -> None:
+        async def client_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(client_gone())
+        pending: asyncio.Future[dict[str, Any]] | None = None
+        try:
+            # A first comment gets the headers through buffering proxies at once.
+            await _send_body(send, b": attached\n\n")
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(subscription))
+                waiting: set[asyncio.Future[Any]] = {pending, gone}
+                done, _ = await asyncio.wait(
+                    waiting,
+                    timeout=self.heartbeat_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if gone in done:
+                    return
+                if pending not in done:
+                    await _send_body(send, b":\n\n")
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    # Dropped as too slow, or the bus closed (shutdown): end the response.
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+                pending = None
+                frame = f"event: {event['eventType']}\ndata: {json.dumps(event)}\n\n"
+                await _send_body(send, frame.encode())
+        except OSError:
+            # The client went away mid-write.
+            return
+        finally:
+            gone.cancel()
+            if pending is not None:
+                pending.cancel()
+
+
+async def _send_body(send: Send, body: bytes) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _send_json(send: Send, status: int, body: Mapping[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
