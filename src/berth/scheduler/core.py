@@ -690,9 +690,11 @@ class Scheduler:
             log.warning("task %s of %s ended: %s", task.id, rt.app.id, exit_.message)
             self._record_failure(rt, task, exit_.message)
         rt.tasks.pop(task.id, None)
+        # Reconcile before the store round trip: a deployment waiting on this exit
+        # finishes right behind its status update.
+        self._wake.set()
         with contextlib.suppress(StoreError):
             await self.state.delete_task(task.id)
-        self._wake.set()
 
     def _record_failure(self, rt: AppRuntime, task: Task | None, message: str) -> None:
         app = rt.app
