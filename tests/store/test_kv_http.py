@@ -7,7 +7,7 @@ import base64
 
 import httpx
 
-from tests.store.conftest import RunningStore
+from tests.store.conftest import RunningStore, eventually
 
 
 def _index(resp: httpx.Response) -> int:
@@ -278,3 +278,19 @@ async def test_txn_bad_bodies(http: httpx.AsyncClient) -> None:
     r = await http.put("/v1/txn", json=[{"KV": {"Verb": "explode", "Key": "k"}}])
     assert r.status_code == 409 and "unknown KV verb" in r.text
     assert (await http.get("/v1/txn")).status_code == 405
+
+
+async def test_hung_up_watcher_is_forgotten(running: RunningStore) -> None:
+    hub = running.store.hub
+    host, port = running.url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/kv/gone/?recurse&index=1&wait=5m HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await eventually(lambda: "prefixes=1" in repr(hub))
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: "prefixes=0 topics=0 waiters=0" in repr(hub))
+    # A watcher that times out leaves nothing behind either.
+    r = await running.http.get("/v1/kv/quiet/", params={"recurse": "", "index": 1, "wait": "50ms"})
+    assert r.status_code == 404
+    assert "prefixes=0 topics=0 waiters=0" in repr(hub)

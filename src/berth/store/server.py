@@ -30,6 +30,16 @@ R = TypeVar("R")
 DB_FILE = "store.db"
 
 
+class ClientGone(Exception):
+    """The client of a blocking query disconnected: there is nobody to answer."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    # A GET's (empty) body comes first; the next message only arrives on disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class Lifecycle(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -144,17 +154,25 @@ class StoreServer:
             wait = wait_param(req, cfg.wait_default_s, cfg.wait_max_s)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait + random.uniform(0, wait / 16)
+            # A blocked reader that hangs up stops waiting at once.
+            gone = asyncio.ensure_future(_disconnected(req.receive))
             try:
                 while self.lifecycle is Lifecycle.RUNNING:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
-                    fut = (
-                        self.hub.prefix(prefix)
-                        if prefix is not None
-                        else self.hub.topic(topic or "")
-                    )
-                    await asyncio.wait((fut,), timeout=remaining)
+                    if prefix is not None:
+                        fut = self.hub.prefix(prefix)
+                    else:
+                        fut = self.hub.topic(topic or "")
+                    try:
+                        await asyncio.wait(
+                            (fut, gone), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        self.hub.release(fut, prefix, topic)
+                    if gone.done():
+                        raise ClientGone()
                     index, result = query()
                     if index > min_index:
                         break
@@ -166,6 +184,8 @@ class StoreServer:
                 if task is None or task.uncancel() > 0:
                     raise
                 index, result = query()
+            finally:
+                gone.cancel()
         barrier = self.persistence.barrier()
         if barrier is not None:
             await asyncio.shield(barrier)
@@ -231,3 +251,5 @@ class StoreServer:
             await respond(send, exc.status, exc.message.encode(), TEXT)
         except PersistenceFailed as exc:
             await respond(send, 500, str(exc).encode(), TEXT)
+        except ClientGone:
+            pass
