@@ -448,3 +448,25 @@ async def test_failures_and_recovery_visible_in_status(live: Live, upstreams: An
         f'berth_gateway_upstream_server_up{{cluster="mixed",server="127.0.0.1:{flaky_port}"}}'
         in metrics_text
     )
+
+
+async def test_route_admin(env: Env) -> None:
+    resp = await env.http.put("/route/Img.Example.com", json={"cluster": "img", "tries": 3})
+    assert resp.json() == {"status": 200, "applied": True}
+    stored = await env.store.kv_get("berth/gateway/routes/img.example.com")
+    assert stored is not None and stored.json() == {"cluster": "img", "tries": 3}
+    got = (await env.http.get("/route/img.example.com")).json()
+    assert got[0]["cluster"] == "img" and got[0]["tries"] == 3
+    resp = await env.http.put(
+        "/route/*.example.com", json=[{"cluster": "a"}, {"cluster": "b", "path_prefix": "/b"}]
+    )
+    assert resp.status_code == 200
+    found = env.discovery.table.find_route("x.example.com", "/b/1")
+    assert found is not None and found.cluster == "b"
+    bad = await env.http.put("/route/img.example.com", json={"cluster": "img", "lb": "random"})
+    assert bad.status_code == 400 and bad.json()["msg"].startswith("body invalid: lb:")
+    assert (await env.http.put("/route/bad host", json={"cluster": "a"})).status_code == 400
+    assert (await env.http.patch("/route/a.com", json={})).status_code == 405
+    assert (await env.http.delete("/route/img.example.com")).json()["status"] == 200
+    assert (await env.http.delete("/route/img.example.com")).status_code == 404
+    assert (await env.http.get("/route/img.example.com")).status_code == 404

@@ -181,7 +181,7 @@ def test_protect_mode_picks_least_bad_and_shows_unstable() -> None:
     assert b.status is ServerStatus.UNSTABLE and a.status is ServerStatus.ERR
     cluster.on_request_start(b)
     cluster.on_request_end(b, True, None)
-    assert b.status is ServerStatus.OK
+    assert b.status is ServerStatus.UNCHECKED and cluster.has_available()
 
 
 def test_unprotected_cluster_returns_none() -> None:

@@ -44,7 +44,9 @@ def test_passive_failures_mark_err_then_rest_then_retry() -> None:
     s.record_request(False, "read timeout", now=110.0)
     assert not s.available(115.0, time.time()) and s.msg == "read timeout"
     s.record_request(True, None, now=121.0)
-    assert s.status is ServerStatus.OK and s.fail_num == 0 and s.msg is None
+    # Back in rotation, shown as before: no active check has ever run on it.
+    assert s.status is ServerStatus.UNCHECKED and s.fail_num == 0 and s.msg is None
+    assert s.available(121.0, time.time())
 
 
 def test_success_resets_consecutive_count() -> None:

@@ -25,8 +25,8 @@ import berth
 from berth.gateway import metrics
 from berth.gateway.cluster import Cluster, Server, ServerStatus, check_to_json, parse_upstream
 from berth.gateway.config import GatewayConfig
-from berth.gateway.discovery import UPSTREAMS, Discovery
-from berth.gateway.routes import NAME_RE, route_to_json
+from berth.gateway.discovery import ROUTES, UPSTREAMS, Discovery, parse_routes_value
+from berth.gateway.routes import HOST_RE, NAME_RE, normalize_host, route_to_json
 from berth.store.client import StoreClient
 from berth.store.errors import StoreRejected, StoreUnavailable
 
@@ -348,6 +348,56 @@ class AdminApp:
         return _reply(200, applied=applied)
 
 
+class RouteAdmin:
+    """``/route/<host>``: the same life cycle for routes (berth's addition to Slardar's API)."""
+
+    def __init__(self, admin: AdminApp) -> None:
+        self.admin = admin
+
+    async def handle(self, request: Request) -> Response:
+        admin = self.admin
+        method = request.method
+        if method not in ("GET", "HEAD", *WRITE_METHODS):
+            return _reply(405, "method not allowed")
+        host = normalize_host(request.path_params["host"])
+        if not HOST_RE.match(host):
+            return _reply(400, "invalid host: a host name or *.suffix wildcard")
+        key = ROUTES + host
+        if method in ("GET", "HEAD"):
+            routes = [r for r in admin.discovery.table.routes if r.host == host]
+            if not routes:
+                return _reply(404, f"no route for host: {host}")
+            return JSONResponse([{"host": r.host, **route_to_json(r)} for r in routes])
+        if not admin.authorized(request):
+            return _reply(403, "missing or wrong token (X-Berth-Token or Authorization: Bearer)")
+        try:
+            if method == "DELETE":
+                if await admin.store.kv_get(key) is None:
+                    raise AdminError(404, f"no route for host: {host}")
+                await admin.store.kv_delete(key)
+                applied = await admin.discovery.wait_for(
+                    lambda: admin.discovery.raw_value(key) is None, APPLY_WAIT
+                )
+                return _reply(200, applied=applied)
+            body = await _read_json(request)
+            try:
+                parse_routes_value(host, body)
+            except ValueError as exc:
+                raise AdminError(400, f"body invalid: {exc}") from None
+            raw = json.dumps(body, separators=(",", ":")).encode()
+            await admin.store.kv_put(key, raw)
+            applied = await admin.discovery.wait_for(
+                lambda: admin.discovery.raw_value(key) == raw, APPLY_WAIT
+            )
+            return _reply(200, applied=applied)
+        except AdminError as exc:
+            return _reply(exc.status, exc.msg)
+        except StoreUnavailable as exc:
+            return _reply(503, f"store unavailable: {exc}")
+        except StoreRejected as exc:
+            return _reply(502, f"store refused the write: {exc.message}")
+
+
 async def _not_found(request: Request, exc: Exception) -> Response:
     return _reply(404, f"no such endpoint: {request.url.path}")
 
@@ -361,6 +411,7 @@ def create_admin_app(discovery: Discovery, config: GatewayConfig, store: StoreCl
             HttpRoute("/upstreams", admin.upstreams, methods=methods),
             HttpRoute("/routes", admin.routes, methods=methods),
             HttpRoute("/upstream/{name}", admin.upstream, methods=methods),
+            HttpRoute("/route/{host}", RouteAdmin(admin).handle, methods=methods),
             HttpRoute("/metrics", admin.metrics, methods=methods),
         ],
         exception_handlers={404: _not_found},

@@ -143,9 +143,11 @@ class Server:
             self.fail_num = 0
             self.unstable = False
             if self.health is ServerStatus.ERR and self.down_until != INF:
-                # The retry after fail_timeout worked: back in rotation.
+                # The retry after fail_timeout worked: back in rotation, shown as
+                # it was before (unchecked when no active check ever ran).
                 self.down_until = 0.0
-                self._set_health(ServerStatus.OK, None)
+                checked = self._check_oks > 0 or self._check_fails > 0
+                self._set_health(ServerStatus.OK if checked else ServerStatus.UNCHECKED, None)
             return
         self._req_fails += 1
         self.fail_num += 1
