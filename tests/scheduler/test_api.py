@@ -469,3 +469,11 @@ async def test_not_ready_is_503_after_a_bounded_wait(
     assert r.status_code == 503 and "loading" in r.json()["message"]
     assert (await client.get("/ping")).status_code == 200
     assert (await client.get("/v2/info")).status_code == 200
+
+
+async def test_versions(client: httpx.AsyncClient) -> None:
+    await client.post("/v2/apps", json=APP)
+    (version,) = (await client.get("/v2/apps/web/versions")).json()["versions"]
+    r = await client.get(f"/v2/apps/web/versions/{version}")
+    assert r.status_code == 200 and r.json()["id"] == "/web" and r.json()["version"] == version
+    assert (await client.get("/v2/apps/web/versions/2000-01-01T00:00:00.000Z")).status_code == 404

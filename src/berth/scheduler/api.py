@@ -310,6 +310,13 @@ class MarathonAPI:
         app = self._require_app(_app_id(request))
         return JSONResponse({"versions": [app.version]})
 
+    async def app_version(self, request: Request) -> Response:
+        app = self._require_app(_app_id(request))
+        version = str(request.path_params["version"])
+        if version != app.version:
+            raise ApiError(404, f"App '{app.id}' has no version {version} (only the current one)")
+        return JSONResponse(render_app(app))
+
     # ---- tasks
 
     def _tasks_response(self, request: Request, tasks: Sequence[TaskView]) -> Response:
@@ -481,6 +488,7 @@ def build_app(api: MarathonAPI) -> Starlette:
         route("/v2/apps", api.list_apps, ["GET"]),
         route("/v2/apps", api.create_app, ["POST"]),
         route("/v2/apps/{app_id:path}/restart", api.restart_app, ["POST"]),
+        route("/v2/apps/{app_id:path}/versions/{version}", api.app_version, ["GET"]),
         route("/v2/apps/{app_id:path}/versions", api.app_versions, ["GET"]),
         route("/v2/apps/{app_id:path}/tasks/{task_id}", api.kill_app_task, ["DELETE"]),
         route("/v2/apps/{app_id:path}/tasks", api.app_tasks, ["GET"]),
