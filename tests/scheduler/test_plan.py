@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from berth.scheduler.plan import Target, backoff_delay, plan_app
-from berth.scheduler.state import HealthResult, Task, TaskState
+from berth.scheduler.plan import Target, backoff_delay, backoff_settled, plan_app
+from berth.scheduler.state import Deployment, HealthResult, Task, TaskState
 
 _ids = itertools.count()
 
@@ -145,3 +145,29 @@ def test_backoff_is_capped_even_for_huge_failure_counts() -> None:
     assert backoff_delay(50, 1.0, 2.0, 60) == 60
     assert backoff_delay(100_000, 1.0, 2.0, 60) == 60
     assert backoff_delay(3, 0.0, 2.0, 60) == 0.0
+
+
+def test_backoff_resets_only_after_a_current_task_stays_up() -> None:
+    up = task("v2")
+    up.running_mono = 100.0
+    assert backoff_settled([up], "v2", now=111.0, settle_seconds=10)
+    assert not backoff_settled([up], "v2", now=105.0, settle_seconds=10)
+    assert not backoff_settled([up], "v3", now=111.0, settle_seconds=10)
+    sick = task("v2", healthy=False)
+    sick.running_mono = 0.0
+    assert not backoff_settled([sick], "v2", now=111.0, settle_seconds=10)
+
+
+def test_task_state_predicates_and_reprs() -> None:
+    assert TaskState.STAGING.is_active and TaskState.STAGING.is_staged
+    assert TaskState.RUNNING.is_active and not TaskState.RUNNING.is_terminal
+    assert not TaskState.KILLING.is_active and not TaskState.KILLING.is_terminal
+    assert all(s.is_terminal for s in (TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED))
+    t = task(healthy=False)
+    assert repr(t) == f"<Task {t.id} RUNNING pid=None ports={t.ports} healthy=False>"
+    assert t.unhealthy and not t.healthy
+    dep = Deployment("d1", "v", ["/app"], [[("RestartApplication", "/app")]], 1, 1)
+    assert repr(dep) == "<Deployment d1 apps=['/app'] ['RestartApplication'] step=1/1>"
+    assert dep.current_actions == [("RestartApplication", "/app")]
+    assert Deployment.from_json(dep.to_json()).to_json() == dep.to_json()
+    assert Task.from_json(t.to_json()).to_json() == t.to_json()

@@ -36,7 +36,7 @@ from berth.scheduler.errors import (
 from berth.scheduler.events import EventBus
 from berth.scheduler.health import Probes, TaskHealth
 from berth.scheduler.models import AppDefinition
-from berth.scheduler.plan import Target, backoff_delay, plan_app
+from berth.scheduler.plan import Target, backoff_delay, backoff_settled, plan_app
 from berth.scheduler.ports import NoPortsLeft, PortAllocator
 from berth.scheduler.registry import Registry
 from berth.scheduler.state import (
@@ -573,17 +573,10 @@ class Scheduler:
     def _maybe_reset_backoff(self, rt: AppRuntime, now: float) -> None:
         if rt.failures == 0:
             return
-        settle = self.config.backoff_reset_seconds
         current = rt.app.version_info.last_config_change_at
-        for task in rt.tasks.values():
-            if (
-                task.config_version == current
-                and task.healthy
-                and task.running_mono is not None
-                and now - task.running_mono >= settle
-            ):
-                rt.failures, rt.delay_until = 0, None
-                return
+        tasks = list(rt.tasks.values())
+        if backoff_settled(tasks, current, now, self.config.backoff_reset_seconds):
+            rt.failures, rt.delay_until = 0, None
 
     async def _remove_app(self, rt: AppRuntime) -> None:
         app_id = rt.app.id

@@ -48,6 +48,19 @@ def backoff_delay(failures: int, seconds: float, factor: float, cap: float) -> f
     return min(delay, cap)
 
 
+def backoff_settled(
+    tasks: Sequence[Task], config_version: str, now: float, settle_seconds: float
+) -> bool:
+    """Whether a current task has stayed up (healthy) long enough to forgive past failures."""
+    return any(
+        t.config_version == config_version
+        and t.healthy
+        and t.running_mono is not None
+        and now - t.running_mono >= settle_seconds
+        for t in tasks
+    )
+
+
 def _kill_order(task: Task) -> tuple[int, float]:
     # Unhealthy and still-starting tasks go first (they serve nothing), then the youngest,
     # which is Marathon's default killSelection (YoungestFirst).
