@@ -64,7 +64,6 @@ async def propagation(changes: int, data_dir: Path) -> None:
     await cp.start()
     try:
         async with StoreClient(cp.url) as store, StoreClient(cp.url) as writer:
-            await writer.kv_put("berth/seed", b"1")
             config = GatewayConfig(
                 store_url=cp.url, data_dir=data_dir, health_interval=60, discovery_wait=2
             )

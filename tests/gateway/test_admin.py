@@ -60,7 +60,6 @@ async def _env(tmp_path: Path, token: str | None) -> AsyncIterator[Env]:
     await cp.start()
     try:
         async with StoreClient(cp.url) as store:
-            await store.kv_put("berth/seed", b"1")  # see test_discovery.py
             config = GatewayConfig(
                 store_url=cp.url, data_dir=tmp_path, token=token, health_interval=0.1
             )
@@ -293,7 +292,6 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
     await cp.start()
     try:
         async with StoreClient(cp.url) as store:
-            await store.kv_put("berth/seed", b"1")  # see test_discovery.py
             config = GatewayConfig(
                 host="127.0.0.1",
                 port=0,

@@ -154,10 +154,6 @@ async def control_plane(tmp_path: Path) -> AsyncIterator[ControlPlaneServer]:
 @pytest.fixture
 async def store(control_plane: ControlPlaneServer) -> AsyncIterator[StoreClient]:
     async with StoreClient(control_plane.url) as client:
-        # A fresh embedded store answers an empty read with index 1 and gives the
-        # first write index 1 too, so a watch blocked on 1 would miss that write
-        # until its wait ends; one write first keeps the tests about discovery.
-        await client.kv_put("berth/seed", b"1")
         yield client
 
 

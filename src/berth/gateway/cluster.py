@@ -157,6 +157,9 @@ class Server:
         if self.max_fails > 0 and self._req_fails >= self.max_fails:
             if self.health is not ServerStatus.ERR:
                 self._set_health(ServerStatus.ERR, self.msg)
+                # The active check must now see `rise` passes in a row, as after
+                # its own failure, before the server is trusted again.
+                self._check_oks = 0
             if self.down_until != INF:
                 self.down_until = now + self.fail_timeout
 

@@ -58,6 +58,7 @@ EJECTIONS = PREFIX + "ejections/"
 # How long start() waits for the first full view before serving with what it has.
 START_TIMEOUT = 10.0
 RETRY_MAX_DELAY = 2.0
+FRESH_STORE_WAIT = "1s"
 
 
 # -- pure parts: store entries -> view -> table ---------------------------------------------
@@ -310,7 +311,7 @@ class Discovery:
                 await asyncio.sleep(backoff.next())
 
     async def _blocking(
-        self, query: Callable[[int], Any], on_result: Callable[[Any], None], what: str
+        self, query: Callable[[int, str], Any], on_result: Callable[[Any], None], what: str
     ) -> None:
         index = 0
         limiter = WatchRateLimiter()
@@ -319,7 +320,11 @@ class Discovery:
             if (delay := limiter.delay()) > 0:
                 await asyncio.sleep(delay)
             try:
-                returned, result = await query(index)
+                # Index 1 is what a never-written store reports; a store that also
+                # numbers its first write 1 (berth's embedded one did) would hold a
+                # long wait through that write, so on index 1 poll briefly instead.
+                wait = self.wait if index > 1 else FRESH_STORE_WAIT
+                returned, result = await query(index, wait)
             except (StoreError, httpx.HTTPError, ValueError) as exc:
                 self.store_error = f"{what}: {exc}"
                 if what == "kv":
@@ -334,20 +339,20 @@ class Discovery:
             on_result(result)
 
     async def _watch_kv(self) -> None:
-        async def query(index: int) -> tuple[int, list[KVEntry]]:
-            return await self.store.kv_list(PREFIX, index=index, wait=self.wait)
+        async def query(index: int, wait: str) -> tuple[int, list[KVEntry]]:
+            return await self.store.kv_list(PREFIX, index=index, wait=wait)
 
         await self._blocking(query, self._apply_kv, "kv")
 
     async def _watch_catalog(self) -> None:
-        async def query(index: int) -> tuple[int, dict[str, list[str]]]:
-            return await self.store.catalog_services(index=index, wait=self.wait)
+        async def query(index: int, wait: str) -> tuple[int, dict[str, list[str]]]:
+            return await self.store.catalog_services(index=index, wait=wait)
 
         await self._blocking(query, self._apply_catalog, "catalog")
 
     async def _watch_service(self, name: str) -> None:
-        async def query(index: int) -> tuple[int, list[ServiceInstance]]:
-            return await self.store.health_service(name, passing=True, index=index, wait=self.wait)
+        async def query(index: int, wait: str) -> tuple[int, list[ServiceInstance]]:
+            return await self.store.health_service(name, passing=True, index=index, wait=wait)
 
         await self._blocking(query, lambda found: self._apply_service(name, found), "svc " + name)
 
