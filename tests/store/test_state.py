@@ -147,3 +147,16 @@ def test_services_checks_and_session_invalidation() -> None:
     assert st.write(lambda tx: tx.deregister_service("w1", 0.0))[0] is True
     assert st.write(lambda tx: tx.deregister_service("w1", 0.0))[0] is False
     assert st.services == {} and st.instances("api") == []
+
+
+def test_reregistering_keeps_check_state_and_identical_is_no_write() -> None:
+    st = State()
+    svc = _service("w1")
+    st.write(lambda tx: tx.register_service(svc, [_check("c1", svc)], False, 0.0))
+    st.write(lambda tx: tx.update_check("c1", "passing", "ok", 0.0))
+    _, ch = st.write(lambda tx: tx.register_service(svc, [_check("c1", svc)], False, 0.0))
+    assert not ch and st.checks["c1"].status == "passing"
+    retagged = _service("w1", tags=("new",))
+    _, ch = st.write(lambda tx: tx.register_service(retagged, [_check("c1", retagged)], False, 0.0))
+    assert st.checks["c1"].status == "passing" and st.checks["c1"].service_tags == ("new",)
+    assert st.services["w1"].tags == ("new",)

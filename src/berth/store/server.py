@@ -17,7 +17,7 @@ from berth.store.api import agent, kv, session, txn
 from berth.store.api.http import TEXT, Request, parse_request, respond, wait_param
 from berth.store.checks import CheckRunner
 from berth.store.config import StoreConfig
-from berth.store.errors import BadRequest, NotFound, RequestError
+from berth.store.errors import BadRequest, InvalidState, NotFound, RequestError
 from berth.store.model import Check, Session
 from berth.store.persist import Persistence, PersistenceFailed
 from berth.store.sessions import SessionTimers
@@ -229,6 +229,9 @@ class StoreServer:
         try:
             req = parse_request(scope, receive)
             path = req.path
+            dc = req.param("dc")
+            if dc and dc != self.config.datacenter:
+                raise InvalidState(f"No path to datacenter {dc!r}")
             if path.startswith("/v1/kv/"):
                 await kv.handle(self, req, send)
             elif path == "/v1/txn":

@@ -407,11 +407,10 @@ class Tx:
             # Renaming moves the instance: the old name's watchers must see it leave.
             self._bump("svc:" + old.name)
         create_index = old.create_index if old else self.index
-        self.put_service(
-            replace(service, create_index=create_index, modify_index=self.index),
-            service.id,
-            service.name,
-        )
+        service = replace(service, create_index=create_index, modify_index=self.index)
+        # An identical re-registration (a periodic sync) writes nothing and wakes nobody.
+        if old is None or not _same_service(old, service):
+            self.put_service(service, service.id, service.name)
         keep = {c.id for c in checks}
         for existing in state.service_checks(service.id):
             if existing.id not in keep and replace_existing_checks:
@@ -427,12 +426,17 @@ class Tx:
 
     def register_check(self, check: Check, now: float) -> None:
         old = self.state.checks.get(check.id)
-        create_index = old.create_index if old else self.index
-        self.put_check(
-            replace(check, create_index=create_index, modify_index=self.index),
-            check.id,
-            check.service_name,
-        )
+        if old is not None:
+            # Like a Consul agent, re-registering keeps a check's current state:
+            # a service that re-registers on every restart must not flap to critical.
+            check = replace(
+                check, status=old.status, output=old.output, create_index=old.create_index
+            )
+        else:
+            check = replace(check, create_index=self.index)
+        if old is not None and _same_check(old, check):
+            return
+        self.put_check(replace(check, modify_index=self.index), check.id, check.service_name)
         if check.status == "critical":
             self._invalidate_sessions_of(check.id, now)
 
@@ -473,6 +477,14 @@ class Tx:
     def _invalidate_sessions_of(self, check_id: str, now: float) -> None:
         for session in self.state.checks_referencing(check_id):
             self.session_destroy(session.id, now)
+
+
+def _same_check(a: Check, b: Check) -> bool:
+    return replace(a, modify_index=0) == replace(b, modify_index=0)
+
+
+def _same_service(a: Service, b: Service) -> bool:
+    return replace(a, modify_index=0) == replace(b, modify_index=0)
 
 
 def _restore(table: dict[str, Any], key: str, old: Any) -> None:
