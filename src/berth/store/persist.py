@@ -175,10 +175,12 @@ class Persistence:
                 while self._open is None and not self._closing:
                     self._wakeup.wait()
                 batch = self._open
-                self._open = None
-                self._inflight = batch
                 if batch is None:
                     return
+                # In-flight first: barrier() reads without the lock and must
+                # never see neither batch while this one is uncommitted.
+                self._inflight = batch
+                self._open = None
             error: BaseException | None = None
             try:
                 self._commit(batch)
