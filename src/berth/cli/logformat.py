@@ -49,3 +49,6 @@ def setup(level: str = "info", fmt: LogFormat = "text") -> None:
         log.handlers.clear()
         log.propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx logs every request at INFO; watch loops would flood the log.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
