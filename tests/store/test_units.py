@@ -174,3 +174,13 @@ async def test_persistence_roundtrip(tmp_path: Path) -> None:
     assert loaded.kv_list("")[0] == st.kv_list("")[0]
     assert isinstance(loaded.kv["b"], Entry)
     assert "commits=0" in repr(again)
+
+
+async def test_synchronous_full_is_applied(tmp_path: Path) -> None:
+    p = Persistence(tmp_path / "full.db", synchronous="FULL")
+    p.open()
+    assert p._db is not None
+    assert p._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert p._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    p.start(asyncio.get_running_loop())
+    await p.close()
