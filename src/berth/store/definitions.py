@@ -88,12 +88,14 @@ def parse_service(body: Any, *, deregister_min_s: float) -> tuple[Service, list[
     port = doc.get("port") or 0
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise BadRequest(f"Invalid service port {port!r}")
-    weights = doc.get("weights") or DEFAULT_WEIGHTS
+    weights = doc.get("weights")
+    weights = DEFAULT_WEIGHTS if weights is None else weights
     w = fold(weights, "Weights")
     passing, warning = w.get("passing", 1), w.get("warning", 1)
     if not isinstance(passing, int) or not isinstance(warning, int) or passing < 1:
         raise BadRequest("Weights: Passing must be an integer >= 1, Warning an integer")
-    tagged = doc.get("taggedaddresses") or {}
+    tagged = doc.get("taggedaddresses")
+    tagged = {} if tagged is None else tagged
     if not isinstance(tagged, Mapping):
         raise BadRequest("TaggedAddresses must be an object")
     tags = _tags(doc.get("tags"))
