@@ -406,3 +406,11 @@ def test_nul_in_args_refused() -> None:
     with pytest.raises(ValidationFailed) as exc:
         parse_app({"id": "a", "args": ["a\x00"]})
     assert "/args" in details(exc)
+
+
+def test_redeploying_the_same_definition_is_not_a_config_change() -> None:
+    doc = {"id": "a", "cmd": "x", "env": {"K": "v"}, "healthChecks": [{"protocol": "TCP"}]}
+    app = parse_app(doc)
+    again = merge_app(app, doc, partial=False)
+    assert again.version > app.version
+    assert again.version_info.last_config_change_at == app.version_info.last_config_change_at
