@@ -50,7 +50,8 @@ class Up:
         self.gateway: str | None = None
         self.control: str | None = None
         self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -70,10 +71,14 @@ class Up:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
-            return self.proc.wait(90)
+            code = self.proc.wait(90)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
+            code = self.proc.wait()
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return code
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -109,7 +114,7 @@ def test_up_serves_both_builtin_services_and_stops_clean(platform: Up) -> None:
     info = httpx.put(platform.gateway + "/", content=body, headers={"Host": "imageinfo"})
     assert info.status_code == 200, info.text
     doc = info.json()
-    assert (doc["width"], doc["height"], doc["format"]) == (640, 480, "jpeg")
+    assert (doc["width"], doc["height"], doc["format"]) == (640, 480, "jpg")
 
     thumb = httpx.put(
         platform.gateway + "/!/fw/320/format/png", content=body, headers={"Host": "imgprocess"}
