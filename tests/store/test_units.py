@@ -184,3 +184,21 @@ async def test_synchronous_full_is_applied(tmp_path: Path) -> None:
     assert p._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     p.start(asyncio.get_running_loop())
     await p.close()
+
+
+def test_store_config_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from berth.config import ConfigError
+    from berth.store.config import load_store_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "berth.toml").write_text("[store]\nwait_max_s = 60\nwait_default_s = 30\n")
+    monkeypatch.setenv("BERTH_SQLITE_SYNCHRONOUS", "FULL")
+    cfg = load_store_config(tmp_path / "store")
+    assert (cfg.sqlite_synchronous, cfg.wait_max_s, cfg.data_dir) == (
+        "FULL",
+        60,
+        tmp_path / "store",
+    )
+    (tmp_path / "berth.toml").write_text("[store]\nwait_default_s = 900\n")
+    with pytest.raises(ConfigError, match="wait_default_s must not exceed wait_max_s"):
+        load_store_config(tmp_path / "store")

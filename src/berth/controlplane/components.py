@@ -13,10 +13,10 @@ def build_components(config: ControlPlaneConfig, self_url: str) -> list[Componen
     store_url = config.store_url or self_url
     components: list[Component] = []
     if config.store_url is None:
-        from berth.store.config import StoreConfig
+        from berth.store.config import load_store_config
         from berth.store.server import StoreServer
 
-        components.append(StoreServer(StoreConfig(data_dir=config.data_dir / "store")))
+        components.append(StoreServer(load_store_config(config.data_dir / "store")))
     from berth.scheduler.api import SchedulerComponent
     from berth.scheduler.config import SchedulerConfig
 

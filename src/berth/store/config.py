@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from berth.config import ComponentConfig
+from berth.config import ComponentConfig, load
 
 
 class StoreConfig(ComponentConfig):
@@ -46,3 +46,9 @@ class StoreConfig(ComponentConfig):
         if self.session_ttl_min_s > self.session_ttl_max_s:
             raise ValueError("session_ttl_min_s must not exceed session_ttl_max_s")
         return self
+
+
+def load_store_config(data_dir: Path) -> StoreConfig:
+    """The store's config: ``[store]`` in berth.toml and BERTH_* env over the
+    defaults, in the data directory the control plane gives it."""
+    return load(StoreConfig, "store", {"data_dir": data_dir})
