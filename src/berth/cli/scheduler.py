@@ -206,9 +206,7 @@ def follow_deployment(
     deployment_id: str,
     app_id: str,
     timeout: float,
-    *,
-    gone_ok: bool = False,
-) -> Mapping[str, Any] | None:
+) -> dict[str, Any]:
     """Show progress until the deployment leaves /v2/deployments; returns the app after."""
     console = Console(stderr=True)
     deadline = time.monotonic() + timeout
@@ -236,8 +234,6 @@ def follow_deployment(
                 )
             time.sleep(POLL_SECONDS)
     if app is None:
-        if gone_ok:
-            return None
         raise CliError(f"deployment {deployment_id} ended and {app_id} no longer exists")
     running, wanted = int(app.get("tasksRunning", 0)), int(app.get("instances", 0))
     if running < wanted:
@@ -260,7 +256,6 @@ def _finish(
         click.echo(f"{verb} {app_id}: deployment {deployment_id} started")
         return
     app = follow_deployment(client, deployment_id, app_id, timeout)
-    assert app is not None
     click.echo(
         f"{verb} {app_id}: {app.get('tasksRunning', 0)} of {app.get('instances', 0)} running, "
         f"{health_summary(app)} (deployment {deployment_id} done)"
