@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +12,6 @@ from starlette.types import Send
 from berth.store.api.http import Request, check_consistency, respond
 from berth.store.errors import BadRequest, InvalidState, MethodNotAllowed, PayloadTooLarge
 from berth.store.keys import key_problem
-from berth.store.model import Entry
 from berth.store.state import Tx
 
 if TYPE_CHECKING:
@@ -35,9 +33,6 @@ VERBS = frozenset(
         "delete-tree",
         "delete-cas",
     }
-)
-READ_VERBS = frozenset(
-    {"get", "get-or-empty", "get-tree", "check-index", "check-session", "check-not-exists"}
 )
 
 
@@ -109,8 +104,10 @@ def parse_ops(doc: Any, max_ops: int) -> list[KVOp]:
     return ops
 
 
-def _result(entry: Entry | None, with_value: bool) -> dict[str, Any] | None:
-    return None if entry is None else {"KV": entry.doc(with_value=with_value)}
+def _written(tx: Tx, key: str) -> list[dict[str, Any]]:
+    """A write's result: the entry as stored, without its value (as Consul answers)."""
+    entry = tx.state.kv.get(key)
+    return [] if entry is None else [{"KV": entry.doc(with_value=False)}]
 
 
 def apply_op(tx: Tx, op: KVOp, now: float) -> list[dict[str, Any]]:
@@ -123,17 +120,14 @@ def apply_op(tx: Tx, op: KVOp, now: float) -> list[dict[str, Any]]:
         raise OpFailed("Missing key name")
     state = tx.state
     current = state.kv.get(op.key)
-    written: Callable[[], list[dict[str, Any]]] = lambda: [  # noqa: E731
-        r for r in [_result(state.kv.get(op.key), False)] if r
-    ]
     match op.verb:
         case "set":
             tx.kv_set(op.key, op.value, op.flags)
-            return written()
+            return _written(tx, op.key)
         case "cas":
             if not tx.kv_cas(op.key, op.value, op.flags, op.index):
                 raise OpFailed(f'failed to set key "{op.key}", index is stale')
-            return written()
+            return _written(tx, op.key)
         case "lock":
             try:
                 locked = tx.kv_acquire(op.key, op.value, op.flags, op.session, now)
@@ -141,14 +135,14 @@ def apply_op(tx: Tx, op: KVOp, now: float) -> list[dict[str, Any]]:
                 raise OpFailed(exc.message) from None
             if not locked:
                 raise OpFailed(f'failed to lock key "{op.key}", lock is already held')
-            return written()
+            return _written(tx, op.key)
         case "unlock":
             if not tx.kv_release(op.key, op.value, op.flags, op.session):
                 raise OpFailed(
                     f'failed to unlock key "{op.key}", lock isn\'t held, '
                     "or is held by another session"
                 )
-            return written()
+            return _written(tx, op.key)
         case "get":
             if current is None:
                 raise OpFailed(f'key "{op.key}" doesn\'t exist')
