@@ -477,3 +477,18 @@ async def test_versions(client: httpx.AsyncClient) -> None:
     r = await client.get(f"/v2/apps/web/versions/{version}")
     assert r.status_code == 200 and r.json()["id"] == "/web" and r.json()["version"] == version
     assert (await client.get("/v2/apps/web/versions/2000-01-01T00:00:00.000Z")).status_code == 404
+
+
+async def test_groups_are_implied_by_app_ids(client: httpx.AsyncClient) -> None:
+    for app_id in ("top", "prod/web", "prod/db/main", "dev/web"):
+        assert (await client.post("/v2/apps", json={**APP, "id": app_id})).status_code == 201
+    root = (await client.get("/v2/groups")).json()
+    assert root["id"] == "/" and [a["id"] for a in root["apps"]] == ["/top"]
+    assert [g["id"] for g in root["groups"]] == ["/dev", "/prod"]
+    prod = (await client.get("/v2/groups/prod")).json()
+    assert [a["id"] for a in prod["apps"]] == ["/prod/web"]
+    assert prod["groups"][0]["id"] == "/prod/db"
+    assert prod["groups"][0]["apps"][0]["tasksRunning"] == 2
+    assert (await client.get("/v2/groups//prod/db")).json()["apps"][0]["id"] == "/prod/db/main"
+    r = await client.get("/v2/groups/nope")
+    assert r.status_code == 404 and r.json() == {"message": "Group '/nope' does not exist"}

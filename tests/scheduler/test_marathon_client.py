@@ -136,6 +136,7 @@ def test_marathon_client_end_to_end(url: str) -> None:
     assert app.version_info.last_config_change_at is not None
     assert app.tasks[0].health_check_results[0].alive is True
     assert any(a.id == "/compat" for a in client.list_apps(embed_tasks=True, embed_counts=True))
+    assert any(a.id == "/compat" for a in client.get_group("/").apps)
     (version,) = client.list_versions("compat")
     assert client.get_version("compat", version).id == "/compat"
 

@@ -30,6 +30,7 @@ from berth.scheduler.models import (
     ValidationFailed,
     merge_app,
     normalize_id,
+    now_timestamp,
     parse_app,
     parse_bool,
 )
@@ -41,6 +42,7 @@ from berth.scheduler.render import (
     parse_embed,
     render_app,
     render_deployment,
+    render_group,
     render_info,
     render_queue,
     render_task,
@@ -317,6 +319,21 @@ class MarathonAPI:
             raise ApiError(404, f"App '{app.id}' has no version {version} (only the current one)")
         return JSONResponse(render_app(app))
 
+    # ---- groups (read-only: berth's groups are implied by app ids)
+
+    async def get_group(self, request: Request) -> Response:
+        group_id = normalize_id(str(request.path_params.get("group_id", "")))
+        embed = parse_embed(request.query_params.getlist("embed")) | {"counts", "deployments"}
+        apps = [
+            render_app(app, self.scheduler.status(app.id), embed)
+            for app in sorted(self.scheduler.apps(), key=lambda a: a.id)
+        ]
+        version = max((str(a["version"]) for a in apps), default=now_timestamp())
+        group = render_group(group_id, apps, version=version)
+        if group is None:
+            raise ApiError(404, f"Group '{group_id}' does not exist")
+        return JSONResponse(group)
+
     # ---- tasks
 
     def _tasks_response(self, request: Request, tasks: Sequence[TaskView]) -> Response:
@@ -496,6 +513,8 @@ def build_app(api: MarathonAPI) -> Starlette:
         route("/v2/apps/{app_id:path}", api.app_or_list, ["GET"]),
         route("/v2/apps/{app_id:path}", api.put_app, ["PUT"]),
         route("/v2/apps/{app_id:path}", api.delete_app, ["DELETE"]),
+        route("/v2/groups", api.get_group, ["GET"]),
+        route("/v2/groups/{group_id:path}", api.get_group, ["GET"]),
         route("/v2/tasks", api.all_tasks, ["GET"]),
         route("/v2/tasks/delete", api.delete_tasks, ["POST"]),
         route("/v2/deployments", api.list_deployments, ["GET"]),

@@ -282,3 +282,30 @@ def render_info(*, version: str, leader: str, http_port: int) -> dict[str, Any]:
         "http_config": {"http_port": http_port},
         "event_subscriber": None,
     }
+
+
+def render_group(
+    group_id: str, apps: Sequence[dict[str, Any]], *, version: str
+) -> dict[str, Any] | None:
+    """GET /v2/groups(/{id}): rendered ``apps`` arranged in Marathon's group tree.
+
+    Groups are implied by app ids ("/a/b/web" lives in "/a/b"); None when no
+    app lives at or under ``group_id`` (except the root, which always exists).
+    """
+    prefix = "/" if group_id == "/" else group_id + "/"
+    members = [a for a in apps if str(a["id"]).startswith(prefix)]
+    if not members and group_id != "/":
+        return None
+    direct = [a for a in members if str(a["id"]).rsplit("/", 1)[0] in ("", group_id)]
+    children = sorted(
+        {prefix + str(a["id"])[len(prefix) :].split("/", 1)[0] for a in members if a not in direct}
+    )
+    groups = [render_group(child, members, version=version) for child in children]
+    return {
+        "id": group_id,
+        "apps": direct,
+        "groups": [g for g in groups if g is not None],
+        "pods": [],
+        "dependencies": [],
+        "version": version,
+    }
