@@ -9,6 +9,7 @@ same way, and SSE clients reconnect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -202,6 +203,12 @@ class EventStreamEndpoint:
         self.bus.publish("event_stream_attached", {"remoteAddress": remote})
         try:
             await self._stream(subscription, receive, send)
+        except asyncio.CancelledError:
+            # The server cancels open streams when its graceful shutdown times out;
+            # for an endless response that is its normal end, not an error to log.
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         finally:
             subscription.close()
             self.bus.publish("event_stream_detached", {"remoteAddress": remote})
