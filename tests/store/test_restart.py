@@ -1,0 +1,55 @@
+"""Everything the store holds comes back from SQLite after a restart, indexes only grow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.store.conftest import FAST, eventually, serve_store
+
+
+async def test_restart_restores_kv_services_sessions_and_indexes(tmp_path: Path) -> None:
+    async with serve_store(tmp_path, **FAST) as rs:
+        http = rs.http
+        await http.put("/v1/kv/cfg/a", content=b"1", params={"flags": 9})
+        await http.put("/v1/kv/cfg/gone", content=b"x")
+        await http.delete("/v1/kv/cfg/gone")
+        await http.put(
+            "/v1/agent/service/register",
+            json={"Name": "web", "ID": "w1", "Tags": ["t"], "Check": {"TTL": "60s"}},
+        )
+        await http.put("/v1/agent/check/pass/service:w1", params={"note": "fine"})
+        sid = (await http.put("/v1/session/create", json={"TTL": "60s"})).json()["ID"]
+        assert (await http.put("/v1/kv/cfg/lock", params={"acquire": sid})).json() is True
+        before_kv = (await http.get("/v1/kv/cfg/", params={"recurse": ""})).json()
+        prefix_index = int(
+            (await http.get("/v1/kv/cfg/", params={"recurse": ""})).headers["X-Consul-Index"]
+        )
+        health_index = int((await http.get("/v1/health/service/web")).headers["X-Consul-Index"])
+        index = rs.store.state.index
+    async with serve_store(tmp_path, **FAST) as rs:
+        http = rs.http
+        assert rs.store.state.index == index
+        r = await http.get("/v1/kv/cfg/", params={"recurse": ""})
+        assert r.json() == before_kv
+        assert int(r.headers["X-Consul-Index"]) == prefix_index  # tombstone kept it
+        r = await http.get("/v1/health/service/web", params={"passing": ""})
+        assert [e["Service"]["ID"] for e in r.json()] == ["w1"]
+        assert r.json()[0]["Checks"][1]["Output"] == "fine"
+        assert int(r.headers["X-Consul-Index"]) == health_index
+        [session] = (await http.get(f"/v1/session/info/{sid}")).json()
+        assert session["TTL"] == "60s"
+        assert (await http.put(f"/v1/session/renew/{sid}")).status_code == 200
+        await http.put("/v1/kv/cfg/b", content=b"2")
+        assert rs.store.state.index == index + 1
+
+
+async def test_tombstones_are_reaped_after_their_ttl(tmp_path: Path) -> None:
+    async with serve_store(tmp_path, tombstone_ttl_s=0.4, **FAST) as rs:
+        await rs.http.put("/v1/kv/t/a", content=b"1")
+        await rs.http.delete("/v1/kv/t/a")
+        assert "t/a" in rs.store.state.tombstones
+        await rs.http.put("/v1/kv/other", content=b"1")
+        await eventually(lambda: "t/a" not in rs.store.state.tombstones)
+        await rs.http.put("/v1/kv/flush", content=b"1")  # the reap rides the next commit
+    async with serve_store(tmp_path, **FAST) as rs:
+        assert rs.store.state.tombstones == {}
