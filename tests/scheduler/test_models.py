@@ -414,3 +414,12 @@ def test_redeploying_the_same_definition_is_not_a_config_change() -> None:
     again = merge_app(app, doc, partial=False)
     assert again.version > app.version
     assert again.version_info.last_config_change_at == app.version_info.last_config_change_at
+
+
+def test_body_booleans_accept_true_and_True() -> None:
+    doc = {"id": "a", "cmd": "x", "portDefinitions": [{"port": 8080}]}
+    assert parse_app({**doc, "requirePorts": "True"}).require_ports is True
+    assert parse_app({**doc, "requirePorts": "false"}).require_ports is False
+    with pytest.raises(ValidationFailed) as exc:
+        parse_app({**doc, "requirePorts": "yes please"})
+    assert "/requirePorts" in details(exc)

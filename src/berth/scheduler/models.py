@@ -317,8 +317,11 @@ class _Errors:
         value = doc.get(key, default)
         if value is None:
             return default
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            # Tools that stringify everything send "True"/"false"; the meaning is plain.
+            return value.lower() == "true"
         if not isinstance(value, bool):
-            self.add(f"{path}/{key}", f"expected a boolean, got {type(value).__name__}")
+            self.add(f"{path}/{key}", f"expected true or false, got {value!r}")
             return default
         return value
 
