@@ -114,21 +114,34 @@ class Events:
                 self.seen.append(event)
                 yield event
 
+    def mark(self) -> int:
+        """A position in ``seen``; ``wait_for(since=mark)`` also matches events after it
+        that an earlier ``wait_for`` already read past."""
+        return len(self.seen)
+
     async def wait_for(
         self,
         event_type: str,
         timeout: float = 60,
         where: Callable[[dict[str, Any]], bool] | None = None,
+        since: int | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
+        def matches(event: dict[str, Any]) -> bool:
+            return (
+                event["eventType"] == event_type
+                and all(event.get(k) == v for k, v in fields.items())
+                and (where is None or where(event))
+            )
+
+        if since is not None:
+            for event in self.seen[since:]:
+                if matches(event):
+                    return event
         async with asyncio.timeout(timeout):
             async for event in self._sub:
                 self.seen.append(event)
-                if event["eventType"] != event_type:
-                    continue
-                if all(event.get(k) == v for k, v in fields.items()) and (
-                    where is None or where(event)
-                ):
+                if matches(event):
                     return event
         raise AssertionError(f"event stream ended before {event_type} {fields}")
 

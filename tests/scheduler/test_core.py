@@ -73,12 +73,18 @@ async def test_killed_task_is_replaced_and_scale_kill_shrinks(tmp_path: Path) ->
         ev = Events(plane.events)
         dep = await sched.create_app(http_app("/k", instances=2))
         await ev.wait_for("deployment_success", id=dep.id)
+        before = {t.id for t in sched.tasks("/k")}
         victim = sched.tasks("/k")[0]
+        mark = ev.mark()
         killed = await sched.kill_tasks([victim.id], scale=False)
         assert killed == [victim] and victim.state is TaskState.KILLING
         await ev.wait_for("status_update_event", taskId=victim.id, taskStatus="TASK_KILLED")
+        # The replacement may turn healthy before the victim is gone (it drains first).
         await ev.wait_for(
-            "health_status_changed_event", where=lambda e: e["taskId"] != victim.id, alive=True
+            "health_status_changed_event",
+            where=lambda e: e["taskId"] not in before,
+            since=mark,
+            alive=True,
         )
         await await_until(lambda: sched.status("/k").healthy == 2, what="replacement healthy")
         assert victim.id not in {t.id for t in sched.tasks("/k")}
@@ -120,6 +126,7 @@ async def test_failing_health_check_kills_and_replaces(tmp_path: Path) -> None:
         dep = await sched.create_app(http_app("/sick", env={"HEALTH_FILE": str(flag)}))
         await ev.wait_for("deployment_success", id=dep.id)
         (first,) = sched.tasks("/sick")
+        mark = ev.mark()
         flag.unlink()
         await ev.wait_for("failed_health_check_event", taskId=first.id)
         event = await ev.wait_for("unhealthy_task_kill_event", taskId=first.id)
@@ -129,7 +136,10 @@ async def test_failing_health_check_kills_and_replaces(tmp_path: Path) -> None:
         assert first.id not in await passing(plane, "sick")
         flag.touch()
         await ev.wait_for(
-            "health_status_changed_event", where=lambda e: e["taskId"] != first.id, alive=True
+            "health_status_changed_event",
+            where=lambda e: e["taskId"] != first.id,
+            since=mark,
+            alive=True,
         )
         (second,) = sched.tasks("/sick")
         assert second.id != first.id

@@ -29,6 +29,9 @@ class SchedulerConfig(ComponentConfig):
     # intervalSeconds); failures there are inside the grace period and ignored anyway,
     # so this only makes new tasks healthy sooner.
     health_initial_probe_seconds: float = Field(0.25, gt=0)
+    # After a task leaves the catalog and before its SIGTERM: gateways watching the
+    # store need this long to stop sending it new requests (skipped at shutdown).
+    drain_seconds: float = Field(1.0, ge=0)
     # How long to retry store writes that must land before acting (deregister before kill).
     store_ack_timeout_seconds: float = Field(5.0, gt=0)
     # Store recovery at start: retry reading state with backoff up to this cap per attempt.

@@ -724,7 +724,10 @@ class Scheduler:
         if health is not None:
             await health.stop()
         # Out of the catalog first, acknowledged, so gateways stop routing before SIGTERM.
+        routed = task.id in self.registry.registered
         await self.registry.deregister(task.id)
+        if routed and not self._stopping and self.config.drain_seconds > 0:
+            await asyncio.sleep(self.config.drain_seconds)
         handle = self._handles.get(task.id)
         if handle is not None:
             grace = rt.app.task_kill_grace_period_seconds
