@@ -246,6 +246,18 @@ async def test_label_routes_follow_the_app(tmp_path: Path) -> None:
         ev.close()
 
 
+async def test_app_without_health_checks_deploys_once_running(tmp_path: Path) -> None:
+    async with control_plane(tmp_path) as plane:
+        ev = Events(plane.events)
+        app = models.parse_app({"id": "/plain", "cmd": "sleep 300", "instances": 2})
+        dep = await plane.scheduler.create_app(app)
+        await ev.wait_for("deployment_success", id=dep.id)
+        status = plane.scheduler.status("/plain")
+        # Marathon counts healthy only for tasks with health results.
+        assert (status.running, status.healthy, status.deployments) == (2, 0, [])
+        ev.close()
+
+
 async def test_errors(tmp_path: Path) -> None:
     async with control_plane(tmp_path) as plane:
         sched = plane.scheduler

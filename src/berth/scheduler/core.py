@@ -557,9 +557,15 @@ class Scheduler:
         plan = plan_app(target, tasks, launch_allowed=allowed)
         for task_id in plan.kill:
             self._kill(rt, rt.tasks[task_id], plan.reasons.get(task_id, "not needed"))
+        launched = 0
         for _ in range(plan.start):
             if not await self._launch(rt):
                 break
+            launched += 1
+        if launched:
+            # New tasks change what converged means (no health check: healthy once
+            # RUNNING); look again rather than wait for an unrelated event.
+            self._wake.set()
         if plan.delayed and rt.delay_until is not None:
             self._wake_later(rt.delay_until - now)
         killing = any(t.state is TaskState.KILLING for t in rt.tasks.values())
