@@ -408,6 +408,7 @@ async def test_sse_frames_heartbeats_and_detach(scheduler: FakeScheduler) -> Non
     bus = EventBus()
     api = MarathonAPI(scheduler, bus)
     api.event_stream.heartbeat_seconds = 0.05
+    assert repr(api.event_stream).startswith("<EventStreamEndpoint heartbeat=0.05s <EventBus")
     app = build_app(api)
     gone = asyncio.Event()
     sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
