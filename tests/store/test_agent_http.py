@@ -249,3 +249,33 @@ async def test_catalog_and_deregister(http: httpx.AsyncClient) -> None:
     assert (await http.get("/v1/status/leader")).json() == "127.0.0.1:8300"
     assert (await http.get("/v1/status/peers")).json() == ["127.0.0.1:8300"]
     assert (await http.get("/v1/health/service/db", params={"filter": "x"})).status_code == 400
+
+
+async def test_check_register_node_and_service_checks(http: httpx.AsyncClient) -> None:
+    await http.put("/v1/agent/service/register", json={"Name": "app", "ID": "app1"})
+    r = await http.put(
+        "/v1/agent/check/register",
+        json={"Name": "app-ttl", "ServiceID": "app1", "TTL": "30s", "Status": "passing"},
+    )
+    assert r.status_code == 200
+    r = await http.get("/v1/health/service/app", params={"passing": ""})
+    assert [c["CheckID"] for c in r.json()[0]["Checks"]] == ["serfHealth", "app-ttl"]
+    idx = _index(r)
+    waiter = asyncio.create_task(
+        http.get("/v1/health/service/app", params={"passing": "", "index": idx, "wait": "30s"})
+    )
+    await asyncio.sleep(0.05)
+    # A node-level check going critical takes every service on the node out.
+    r = await http.put("/v1/agent/check/register", json={"Name": "disk", "TTL": "30s"})
+    assert r.status_code == 200
+    r = await asyncio.wait_for(waiter, 5)
+    assert r.json() == []
+    await http.put("/v1/agent/check/pass/disk")
+    assert len((await http.get("/v1/health/service/app", params={"passing": ""})).json()) == 1
+    r = await http.put(
+        "/v1/agent/check/register", json={"Name": "x", "ServiceID": "nope", "TTL": "1s"}
+    )
+    assert r.status_code == 500 and "does not exist" in r.text
+    assert (await http.put("/v1/agent/check/register", json={"TTL": "1s"})).status_code == 400
+    assert (await http.put("/v1/agent/check/deregister/disk")).status_code == 200
+    assert "disk" not in (await http.get("/v1/agent/checks")).json()

@@ -176,6 +176,9 @@ class State:
     def service_checks(self, service_id: str) -> list[Check]:
         return [c for c in self.checks.values() if c.service_id == service_id]
 
+    def node_checks(self) -> list[Check]:
+        return sorted((c for c in self.checks.values() if not c.service_id), key=lambda c: c.id)
+
     def instances(self, name: str) -> list[Service]:
         return sorted((s for s in self.services.values() if s.name == name), key=lambda s: s.id)
 
@@ -281,6 +284,10 @@ class Tx:
         self._bump("checks")
         if service_name:
             self._bump("svc:" + service_name)
+        else:
+            # A node check is part of every service's health on this node.
+            for name in {s.name for s in self.state.services.values()}:
+                self._bump("svc:" + name)
 
     # -- KV commands ----------------------------------------------------------
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import Send
 
 from berth.store.api.http import Request, check_consistency, respond
-from berth.store.definitions import parse_service
+from berth.store.definitions import fold, parse_check, parse_service
 from berth.store.errors import BadRequest, InvalidState, MethodNotAllowed, NotFound
 from berth.store.model import STATUSES, Check, Service, Status
 
@@ -66,11 +66,12 @@ def health_entries(
     state = store.state
     node = node_doc(store)
     serf = serf_check(store)
+    node_checks = state.node_checks()
     entries = []
     for service in state.instances(name):
         if not _has_tags(service, tags):
             continue
-        checks = sorted(state.service_checks(service.id), key=lambda c: c.id)
+        checks = node_checks + sorted(state.service_checks(service.id), key=lambda c: c.id)
         if passing and any(c.status != "passing" for c in checks):
             continue
         entries.append(
@@ -280,12 +281,36 @@ async def handle_agent(store: StoreServer, req: Request, send_: Send) -> None:
         raise NotFound(f"unknown agent endpoint {req.path}")
 
 
+def _parse_check_registration(store: StoreServer, body: Any) -> Check:
+    """PUT /v1/agent/check/register: a check of a registered service (ServiceID) or
+    of the node itself (then part of every service's health)."""
+    doc = fold(body, "check definition")
+    name = doc.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("Missing check name")
+    service_id = doc.get("serviceid") or ""
+    if not isinstance(service_id, str):
+        raise BadRequest("ServiceID must be a string")
+    if service_id:
+        service = store.state.services.get(service_id)
+        if service is None:
+            raise InvalidState(f'ServiceID "{service_id}" does not exist')
+    else:
+        service = Service("", "", (), "", 0, {}, {}, {}, False, 0, 0)
+    return parse_check(body, service, name, deregister_min_s=store.config.deregister_min_s)
+
+
 async def _check_endpoint(store: StoreServer, req: Request, rest: str, send_: Send) -> None:
     verb, _, check_id = rest.partition("/")
     _method(req, "PUT")
     now = store.now()
     if verb == "deregister" and check_id:
         await store.write(lambda tx: tx.deregister_check(check_id, now))
+        await respond(send_, 200, b"")
+        return
+    if verb == "register" and not check_id:
+        new = _parse_check_registration(store, await req.json(store.config.limit_body_bytes))
+        await store.write(lambda tx: tx.register_check(new, now))
         await respond(send_, 200, b"")
         return
     if verb in TTL_VERBS and check_id:
