@@ -172,8 +172,11 @@ async def api_client(url: str) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def berth_cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "BERTH_URL": url, "COLUMNS": "200"}
+def berth_cli(
+    *args: str, url: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``berth`` CLI as a user would, pointed at ``url`` through BERTH_URL."""
+    env = {**os.environ, "BERTH_URL": url, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "berth.cli.main", *args],
         capture_output=True,

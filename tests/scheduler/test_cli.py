@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from berth.cli.scheduler import CliError, health_summary, load_app_file, ui_status
-from tests.scheduler.api_support import berth_cli, running_server, tiny_app
+from tests.scheduler.api_support import berth_cli, close_output, running_server, tiny_app
+from tests.support import control_plane
 
 # --------------------------------------------------------------------------- pure
 
@@ -161,3 +162,19 @@ def test_cli_errors_are_one_line(url: str, tmp_path: Path) -> None:
     r = berth_cli("apps", url="http://127.0.0.1:9")
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "cannot reach the control plane" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_token(tmp_path: Path) -> None:
+    proc = control_plane(tmp_path, "--token", "s3cret-token")
+    try:
+        url = proc.wait_ready()
+        r = berth_cli("apps", url=url)
+        assert r.returncode == 1 and r.stderr.strip() == "berth: HTTP 403: missing or wrong token"
+        r = berth_cli("apps", "--token", "s3cret-token", url=url)
+        assert r.returncode == 0, r.stderr
+        r = berth_cli("status", url=url, env={"BERTH_TOKEN": "s3cret-token"})
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.stop()
+        close_output(proc)
