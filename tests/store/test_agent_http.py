@@ -279,3 +279,16 @@ async def test_check_register_node_and_service_checks(http: httpx.AsyncClient) -
     assert (await http.put("/v1/agent/check/register", json={"TTL": "1s"})).status_code == 400
     assert (await http.put("/v1/agent/check/deregister/disk")).status_code == 200
     assert "disk" not in (await http.get("/v1/agent/checks")).json()
+
+
+async def test_check_kind_change_stops_the_old_runner(
+    running: RunningStore, http: httpx.AsyncClient, upstream: tuple[str, dict[str, int]]
+) -> None:
+    url, _ = upstream
+    http_check = {"Name": "k", "Check": {"HTTP": url, "Interval": "1s"}}
+    await http.put("/v1/agent/service/register", json=http_check)
+    await eventually(lambda: "probes=1 ttl=0" in repr(running.store.checks))
+    await http.put("/v1/agent/service/register", json={"Name": "k", "Check": {"TTL": "30s"}})
+    await eventually(lambda: "probes=0 ttl=1" in repr(running.store.checks))
+    await http.put("/v1/agent/service/deregister/k")
+    await eventually(lambda: "probes=0 ttl=0" in repr(running.store.checks))

@@ -118,6 +118,10 @@ class CheckRunner:
         else:
             self._critical_since.pop(check_id, None)
         spec = check.spec
+        if spec.kind not in ("http", "tcp") and (probe := self._probes.pop(check_id, None)):
+            probe.task.cancel()  # re-registered as another kind of check
+        if spec.kind != "ttl" and (timer := self._ttl_timers.pop(check_id, None)):
+            timer.cancel()
         if spec.kind in ("http", "tcp"):
             probe = self._probes.get(check_id)
             if probe is None or probe.spec != spec:
