@@ -233,19 +233,12 @@ async def test_crashing_app_is_delayed_with_its_last_failure(url: str) -> None:
         await events.wait_for("deployment_success", id=r.json()["deploymentId"])
 
 
-@pytest.mark.xfail(
-    reason="scheduler core: a deployment of an app without health checks stays open once its "
-    "tasks run (the reconcile loop is not woken after the launches)",
-    strict=False,
-)
 async def test_app_without_health_checks_finishes_deploying(url: str) -> None:
     async with api_client(url) as http, EventStream(url) as events:
         r = await http.post("/v2/apps", json=tiny_app("nohealth", 2, health=False))
         assert r.status_code == 201
         try:
-            await events.wait_for(
-                "deployment_success", timeout=15, id=r.headers["marathon-deployment-id"]
-            )
+            await events.wait_for("deployment_success", id=r.headers["marathon-deployment-id"])
             app = (await http.get("/v2/apps/nohealth")).json()["app"]
             assert app["tasksRunning"] == 2 and app["tasksHealthy"] == 0
             assert all("healthCheckResults" not in t for t in app["tasks"])
