@@ -129,3 +129,21 @@ def test_token(tmp_path: Path) -> None:
         denied = consul.Consul(host=url.hostname, port=url.port)
         with pytest.raises(consul.ACLPermissionDenied):
             denied.kv.get("k")
+
+
+def test_check_register_ttl_and_catalog_reads(client: consul.Consul) -> None:
+    assert client.agent.service.register("db", service_id="db1", port=5432)
+    assert client.agent.check.register(
+        "db-alive", check=consul.Check.ttl("30s"), check_id="db-ttl", service_id="db1"
+    )
+    assert client.agent.checks()["db-ttl"]["Status"] == "critical"
+    assert client.agent.check.ttl_pass("db-ttl")
+    _, nodes = client.health.service("db", passing=True)
+    assert [n["Service"]["ID"] for n in nodes] == ["db1"]
+    _, instances = client.catalog.service("db")
+    assert instances[0]["ServicePort"] == 5432
+    assert client.status.leader() == "127.0.0.1:8300"
+    _, sessions = client.session.list()
+    assert isinstance(sessions, list)
+    assert client.agent.check.deregister("db-ttl")
+    assert client.agent.service.deregister("db1")
