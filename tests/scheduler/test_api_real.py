@@ -257,8 +257,10 @@ async def test_task_in_grace_period_is_not_counted_unhealthy(url: str) -> None:
     async with api_client(url) as http, EventStream(url) as events:
         r = await http.post("/v2/apps", json=never_healthy("grace"))
         assert r.status_code == 201
-        await events.wait_for("status_update_event", appId="/grace", taskStatus="TASK_RUNNING")
-        app = (await http.get("/v2/apps/grace")).json()["app"]
-        assert (app["tasksRunning"], app["tasksHealthy"], app["tasksUnhealthy"]) == (1, 0, 0)
-        r = await http.delete("/v2/apps/grace?force=true")
-        await events.wait_for("deployment_success", id=r.json()["deploymentId"])
+        try:
+            await events.wait_for("status_update_event", appId="/grace", taskStatus="TASK_RUNNING")
+            app = (await http.get("/v2/apps/grace")).json()["app"]
+            assert (app["tasksRunning"], app["tasksHealthy"], app["tasksUnhealthy"]) == (1, 0, 0)
+        finally:
+            r = await http.delete("/v2/apps/grace?force=true")
+            await events.wait_for("deployment_success", id=r.json()["deploymentId"])
