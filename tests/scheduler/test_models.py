@@ -423,3 +423,10 @@ def test_body_booleans_accept_true_and_True() -> None:
     with pytest.raises(ValidationFailed) as exc:
         parse_app({**doc, "requirePorts": "yes please"})
     assert "/requirePorts" in details(exc)
+
+
+def test_render_task_hides_checks_without_results() -> None:
+    unchecked = Health(alive=False, first_success=None, last_success=None)
+    assert "healthCheckResults" not in render_task(Task(health=[unchecked]))
+    failed = Health(alive=False, first_success=None, last_success=None, last_failure="t")
+    assert render_task(Task(health=[failed]))["healthCheckResults"][0]["alive"] is False

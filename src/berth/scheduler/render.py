@@ -175,7 +175,10 @@ def render_task(task: TaskView, app: AppDefinition | None = None) -> dict[str, A
     }
     if task.started_at is not None:
         doc["startedAt"] = task.started_at
-    if task.health:
+    # A check that has produced no result yet has no entry in Marathon (the UI
+    # shows the task as Unknown), rather than a not-alive one (Unhealthy).
+    checked = [h for h in task.health if h.first_success or h.last_success or h.last_failure]
+    if checked:
         doc["healthCheckResults"] = [
             {
                 "alive": h.alive,
@@ -186,7 +189,7 @@ def render_task(task: TaskView, app: AppDefinition | None = None) -> dict[str, A
                 "lastFailureCause": h.last_failure_cause,
                 "taskId": task.id,
             }
-            for h in task.health
+            for h in checked
         ]
     return doc
 
