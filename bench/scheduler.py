@@ -226,7 +226,7 @@ async def bench_up(data: Path, instances: int) -> None:
         printed = float(up.wait_line(r"berth is up in ([\d.]+)s", timeout=180).group(1))
         wall = time.monotonic() - t0
         row("berth up -> healthy and routed (as printed)", printed, TARGET_UP)
-        row("berth up -> ready line (wall, incl. interpreter start)", wall, TARGET_UP)
+        row("berth up -> ready line (wall, from spawn)", wall, TARGET_UP)
         gateway = up.wait_line(r"gateway\s+(http://[\d.:]+)").group(1)
         async with httpx.AsyncClient(base_url=control, timeout=30) as client:
             app = echo_app("/scale", 1, vhost="scale.bench")

@@ -20,8 +20,14 @@ def task(
     age: float = 0.0,
 ) -> Task:
     n = next(_ids)
+    # Tests model routable tasks unless a test says otherwise.
     health = [
-        HealthResult(alive=healthy, first_success="t" if healthy else None) for _ in range(checks)
+        HealthResult(
+            alive=healthy,
+            first_success="t" if healthy else None,
+            last_failure=None if healthy else "t",
+        )
+        for _ in range(checks)
     ]
     return Task(
         id=f"app.{n}",
@@ -32,9 +38,10 @@ def task(
         staged_at="",
         started_at=None,
         version=version,
-        health=health,
+        health_results=health,
         config_version=version,
         staged_mono=1000.0 - age,
+        in_catalog=True,
     )
 
 
@@ -56,6 +63,17 @@ def test_converged_only_when_all_healthy() -> None:
     assert plan_app(target(2), [task(), task()], launch_allowed=True).converged
     unhealthy = [task(), task(healthy=False)]
     assert not plan_app(target(2), unhealthy, launch_allowed=True).converged
+
+
+def test_new_tasks_count_only_once_in_the_catalog() -> None:
+    old = [task("v1"), task("v1")]
+    fresh = task("v2")
+    fresh.in_catalog = False
+    plan = plan_app(target(2, "v2", 1.0, 0.0), [*old, fresh], launch_allowed=True)
+    assert plan.kill == ()  # healthy but not yet routable: the old ones stay
+    portless = task("v2")
+    portless.in_catalog, portless.ports = False, []
+    assert plan_app(target(1, "v2"), [portless], launch_allowed=True).converged
 
 
 def test_app_without_checks_is_healthy_once_running() -> None:
@@ -164,8 +182,11 @@ def test_task_state_predicates_and_reprs() -> None:
     assert not TaskState.KILLING.is_active and not TaskState.KILLING.is_terminal
     assert all(s.is_terminal for s in (TaskState.FINISHED, TaskState.FAILED, TaskState.KILLED))
     t = task(healthy=False)
+    t.health_results[0].last_failure = None
     assert repr(t) == f"<Task {t.id} RUNNING pid=None ports={t.ports} healthy=False>"
-    assert t.unhealthy and not t.healthy
+    assert not t.unhealthy and not t.healthy  # never reported: neither
+    t.health_results[0].last_failure = "t"
+    assert t.unhealthy and t.health == t.health_results
     dep = Deployment("d1", "v", ["/app"], [[("RestartApplication", "/app")]], 1, 1)
     assert repr(dep) == "<Deployment d1 apps=['/app'] ['RestartApplication'] step=1/1>"
     assert dep.current_actions == [("RestartApplication", "/app")]

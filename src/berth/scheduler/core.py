@@ -155,8 +155,12 @@ class Scheduler:
         )
         return (
             f"<Scheduler {phase} apps={len(self._apps)} tasks={tasks} "
-            f"deployments={len(self._deployments)} limits={getattr(self.driver, 'limiter', None)}>"
+            f"deployments={len(self._deployments)} limits={self._limits_kind()}>"
         )
+
+    def _limits_kind(self) -> str:
+        limiter = getattr(self.driver, "limiter", None)
+        return str(getattr(limiter, "kind", "n/a"))
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -304,7 +308,7 @@ class Scheduler:
             staged=sum(1 for t in tasks if t.state.is_staged),
             running=sum(1 for t in tasks if t.state is TaskState.RUNNING),
             # Marathon counts healthy/unhealthy only for tasks with health check results.
-            healthy=sum(1 for t in tasks if t.health and t.healthy),
+            healthy=sum(1 for t in tasks if t.health_results and t.healthy),
             unhealthy=sum(1 for t in tasks if t.unhealthy),
             deployments=[dep] if dep else [],
             last_task_failure=rt.last_failure,
@@ -654,7 +658,7 @@ class Scheduler:
             self._health[task_id] = health
             health.start()
         else:
-            self._spawn(self.registry.register(app, task))
+            self._spawn(self._register(rt, task))
         if rt.failures:
             self._wake_later(self.config.backoff_reset_seconds + 0.05)
         return True
@@ -731,6 +735,7 @@ class Scheduler:
             await health.stop()
         # Out of the catalog first, acknowledged, so gateways stop routing before SIGTERM.
         routed = task.id in self.registry.registered
+        task.in_catalog = False
         await self.registry.deregister(task.id)
         if routed and not self._stopping and self.config.drain_seconds > 0:
             await asyncio.sleep(self.config.drain_seconds)
@@ -756,10 +761,23 @@ class Scheduler:
         if rt is None or task.state is not TaskState.RUNNING:
             return
         if task.healthy and task.id not in self.registry.registered:
-            self._spawn(self.registry.register(rt.app, task))
+            self._spawn(self._register(rt, task))
         elif not task.healthy and task.id in self.registry.registered:
+            task.in_catalog = False
             self._spawn(self.registry.deregister(task.id))
         self._wake.set()
+
+    async def _register(self, rt: AppRuntime, task: Task) -> None:
+        """Into the catalog until the store acknowledges, then let deployments go on."""
+        backoff = Backoff(2.0)
+        while task.state is TaskState.RUNNING and task.healthy:
+            if await self.registry.register(rt.app, task):
+                task.in_catalog = task.id in self.registry.registered
+                self._wake.set()
+                return
+            if not task.ports or task.id not in self.registry.registered:
+                return
+            await asyncio.sleep(backoff.next())
 
     def _on_health_failure(self, task: Task, index: int, result: HealthResult) -> None:
         rt = self._apps.get(task.app_id)

@@ -168,7 +168,7 @@ class TaskHealth:
         self._on_failure = on_failure
         self._on_kill = on_kill
         self._loops: list[asyncio.Task[None]] = []
-        task.health = [HealthResult() for _ in self.checks]
+        task.health_results = [HealthResult() for _ in self.checks]
 
     def __repr__(self) -> str:
         return f"<TaskHealth {self.task.id} checks={len(self.checks)} running={bool(self._loops)}>"
@@ -191,7 +191,7 @@ class TaskHealth:
         return ports[check.port_index] if check.port_index < len(ports) else None
 
     async def _loop(self, index: int, check: HealthCheck) -> None:
-        result = self.task.health[index]
+        result = self.task.health_results[index]
         started = time.monotonic()
         port = self._port(check)
         while True:

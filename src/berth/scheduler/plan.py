@@ -94,9 +94,10 @@ def plan_app(target: Target | None, tasks: Sequence[Task], *, launch_allowed: bo
         reasons.update({t.id: "scaling down" for t in extra})
         new = [t for t in new if t not in extra]
 
-    healthy_new = sum(1 for t in new if t.healthy)
+    healthy_new = sum(1 for t in new if t.ready)
     if old:
-        # Old tasks count as capacity whatever their health; new ones only once healthy.
+        # Old tasks count as capacity whatever their health; new ones only once healthy
+        # and in the catalog (ready).
         # An old task may go only while minimumHealthCapacity stays covered.
         min_healthy = math.ceil(n * target.minimum_health_capacity)
         can_kill = max(0, len(old) + healthy_new - min_healthy)

@@ -77,44 +77,63 @@ def registration(app: AppDefinition, task: Task) -> dict[str, Any]:
 
 
 class Registry:
+    """Catalog writes per task, serialised per task so a deregistration can never be
+    overtaken by a registration still in flight (which would leave a dead task routed)."""
+
     def __init__(self, store: StoreClient, ack_timeout: float) -> None:
         self.store = store
         self.ack_timeout = ack_timeout
+        # Tasks meant to be in the catalog (set before the store call, so a stop that
+        # races a registration still deregisters).
         self.registered: set[str] = set()
         self.quiet = False
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def __repr__(self) -> str:
         return f"<Registry registered={len(self.registered)}>"
 
-    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T | None:
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> bool:
         deadline = time.monotonic() + self.ack_timeout
         delay = 0.05
         while True:
             try:
-                return await call()
+                await call()
+                return True
             except StoreUnavailable as exc:
                 if time.monotonic() + delay > deadline:
                     # At shutdown the embedded store is already gone; recovery cleans up.
                     level = logging.DEBUG if self.quiet else logging.WARNING
                     log.log(level, "%s: store unavailable (%s); giving up", what, exc)
-                    return None
+                    return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
     async def register(self, app: AppDefinition, task: Task) -> bool:
+        """True once the store acknowledged the task's entry."""
         if not task.ports:
             return False
         doc = registration(app, task)
         self.registered.add(task.id)
-        await self._retry(f"register {task.id}", lambda: self.store.register_service(**doc))
-        return True
+        lock = self._locks.setdefault(task.id, asyncio.Lock())
+        async with lock:
+            if task.id not in self.registered:
+                return False  # deregistered while we waited: stay out
+            return await self._retry(
+                f"register {task.id}", lambda: self.store.register_service(**doc)
+            )
 
     async def deregister(self, task_id: str) -> None:
         """Returns once the store acknowledged (or the ack timeout passed)."""
         if task_id not in self.registered:
             return
         self.registered.discard(task_id)
-        await self._retry(f"deregister {task_id}", lambda: self.store.deregister_service(task_id))
+        lock = self._locks.setdefault(task_id, asyncio.Lock())
+        async with lock:
+            await self._retry(
+                f"deregister {task_id}", lambda: self.store.deregister_service(task_id)
+            )
+        if task_id not in self.registered:
+            self._locks.pop(task_id, None)
 
     async def deregister_stale(self, task_ids: set[str], services_of_apps: set[str]) -> int:
         """Remove catalog entries of tasks a previous control plane left (recovery):

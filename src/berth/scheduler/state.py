@@ -69,6 +69,11 @@ class HealthResult:
         # Marathon's UI: healthy only once a check has ever passed and it is alive now.
         return self.alive and self.first_success is not None
 
+    @property
+    def reported(self) -> bool:
+        """Has a result: a success, or a failure that counted (not inside the grace period)."""
+        return self.first_success is not None or self.last_failure is not None
+
 
 @dataclass
 class Task:
@@ -80,7 +85,8 @@ class Task:
     staged_at: str
     started_at: str | None
     version: str
-    health: list[HealthResult] = field(default_factory=list)
+    # One per health check of the app, from launch; ``health`` shows the reported ones.
+    health_results: list[HealthResult] = field(default_factory=list)
     pid: int | None = None
     limits_in_force: str = "none"
     # The app's lastConfigChangeAt at launch: scaling keeps tasks, a config change replaces them.
@@ -91,6 +97,8 @@ class Task:
     # monotonic times, not persisted
     staged_mono: float = field(default_factory=time.monotonic)
     running_mono: float | None = None
+    # The store acknowledged its catalog entry (gateways can route to it).
+    in_catalog: bool = False
 
     def __repr__(self) -> str:
         return (
@@ -103,11 +111,26 @@ class Task:
         """RUNNING and, when the app has health checks, all of them passing."""
         if self.state is not TaskState.RUNNING:
             return False
-        return all(h.healthy for h in self.health)
+        return all(h.healthy for h in self.health_results)
+
+    @property
+    def ready(self) -> bool:
+        """Healthy and routable: in the catalog, or nothing to route (no ports).
+        Deployments wait for this, so old tasks never go before new ones are routable."""
+        return self.healthy and (self.in_catalog or not self.ports)
 
     @property
     def unhealthy(self) -> bool:
-        return self.state is TaskState.RUNNING and any(not h.alive for h in self.health)
+        # A check still in its grace period without any result is neither healthy nor
+        # unhealthy (Marathon's tasksUnhealthy counts only reported failures).
+        return self.state is TaskState.RUNNING and any(
+            h.reported and not h.alive for h in self.health_results
+        )
+
+    @property
+    def health(self) -> list[HealthResult]:
+        """The results Marathon would show (healthCheckResults): only reported ones."""
+        return [h for h in self.health_results if h.reported]
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -82,6 +82,11 @@ class Limiter:
             try:
                 self._setup_cgroups()
             except OSError as exc:
+                if mode == "cgroup":
+                    # Asked for explicitly: fail the start rather than run unlimited-ish.
+                    raise RuntimeError(
+                        f"limits = 'cgroup' but cgroups are unusable: {exc}"
+                    ) from exc
                 log.info("cgroup limits unavailable here (%s); using rlimits", exc)
                 self._parents = {}
         if self.kind == "none":
