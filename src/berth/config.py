@@ -3,7 +3,9 @@
 Each component declares one pydantic model (``GatewayConfig``, ``StoreConfig``,
 ...) and loads it with :func:`load`. Values are layered, lowest precedence
 first: the model's defaults, the component's table in ``berth.toml``,
-``BERTH_<FIELD>`` environment variables, then command-line flags. A bad value
+``BERTH_<SECTION>_<FIELD>`` environment variables (``BERTH_GATEWAY_PORT``),
+then command-line flags. Settings that mean the same for every component
+(:data:`SHARED_ENV`) are also read unqualified, e.g. ``BERTH_TOKEN``. A bad value
 stops the start with one line naming the key, where it came from and what is
 allowed, instead of a traceback.
 """
@@ -20,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 ENV_PREFIX = "BERTH_"
 DEFAULT_FILE = "berth.toml"
+# One value for the whole platform, so one variable sets it everywhere. Any
+# other field (port, host...) means something different per component and is
+# only read section-qualified, or BERTH_PORT would move every listener at once.
+SHARED_ENV = frozenset({"token", "data_dir", "store_url"})
 
 
 class ConfigError(ValueError):
@@ -53,13 +59,26 @@ def _read_toml(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
-def _from_env(model: type[ComponentConfig], env: Mapping[str, str]) -> dict[str, Any]:
+def env_name(section: str, field: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}_{field.upper()}"
+
+
+def _from_env(
+    model: type[ComponentConfig], section: str, env: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Values from the environment, and the variable each came from."""
     values: dict[str, Any] = {}
-    for name in model.model_fields:
-        raw = env.get(ENV_PREFIX + name.upper())
-        if raw is not None:
-            values[name] = raw
-    return values
+    names: dict[str, str] = {}
+    for field in model.model_fields:
+        candidates = [env_name(section, field)]
+        if field in SHARED_ENV:
+            candidates.append(ENV_PREFIX + field.upper())
+        for name in candidates:
+            if (raw := env.get(name)) is not None:
+                values[field] = raw
+                names[field] = name
+                break
+    return values, names
 
 
 def load(
@@ -76,7 +95,8 @@ def load(
     if not isinstance(table, dict):
         raise ConfigError(f"berth.toml: [{section}] must be a table")
     layers.append((f"berth.toml [{section}]", table))
-    layers.append(("environment", _from_env(model, os.environ if env is None else env)))
+    env_values, env_names = _from_env(model, section, os.environ if env is None else env)
+    layers.append(("environment", env_values))
     layers.append(("flag", {k: v for k, v in (flags or {}).items() if v is not None}))
 
     merged: dict[str, Any] = {}
@@ -92,6 +112,6 @@ def load(
         key = ".".join(str(p) for p in err["loc"]) or section
         top = str(err["loc"][0]) if err["loc"] else ""
         source = origin.get(top, "default")
-        shown = ENV_PREFIX + top.upper() if source == "environment" else key
+        shown = env_names[top] if source == "environment" else key
         value = merged.get(top, "<missing>")
         raise ConfigError(f"bad config {shown} = {value!r} (from {source}): {err['msg']}") from None
