@@ -25,8 +25,14 @@ def _request_token(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"x-consul-token":
             return str(value.decode("latin-1"))
-        if name == b"authorization" and value[:7].lower() == b"bearer ":
-            return str(value[7:].decode("latin-1").strip())
+        if name == b"authorization":
+            # "Bearer <t>" for people and curl; "token=<t>" is what the
+            # marathon client sends (its DC/OS auth form).
+            lowered = value[:7].lower()
+            if lowered == b"bearer ":
+                return str(value[7:].decode("latin-1").strip())
+            if lowered[:6] == b"token=":
+                return str(value[6:].decode("latin-1").strip())
     query = scope.get("query_string", b"")
     if b"token=" in query:
         for key, value in parse_qsl(query.decode("latin-1")):
