@@ -13,9 +13,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -25,6 +25,8 @@ from berth.store.errors import PermissionDenied, StoreRejected, StoreUnavailable
 log = logging.getLogger("berth.store.client")
 
 DEFAULT_URL = "http://127.0.0.1:3131"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,57 +360,50 @@ class StoreClient:
 
     # -- watches ----------------------------------------------------------------
 
-    async def watch_prefix(
+    def watch_prefix(
         self, prefix: str, *, wait: str = "5m"
     ) -> AsyncIterator[tuple[int, list[KVEntry]]]:
-        """Yield the entries under ``prefix`` now and after every change, forever.
+        """Yield the entries under ``prefix`` now and after every change, forever."""
+        return self._watch(
+            f"kv {prefix}", lambda index: self.kv_list(prefix, index=index, wait=wait)
+        )
 
-        Survives store restarts (backoff with jitter), index resets and is
-        rate-limited so a misbehaving store cannot make it spin.
+    def watch_service(
+        self, name: str, *, passing: bool = True, wait: str = "5m"
+    ) -> AsyncIterator[tuple[int, list[ServiceInstance]]]:
+        """Yield the instances of service ``name`` now and after every change."""
+        return self._watch(
+            f"service {name}",
+            lambda index: self.health_service(name, passing=passing, index=index, wait=wait),
+        )
+
+    async def _watch(
+        self, what: str, query: Callable[[int], Awaitable[tuple[int, T]]]
+    ) -> AsyncIterator[tuple[int, T]]:
+        """The blocking-query loop behind every watch.
+
+        Survives store restarts (backoff with jitter) and index resets, and is
+        rate-limited so a misbehaving store cannot make it spin. Yields only
+        when the result differs: a blocking query may return without a change.
         """
         index = 0
         limiter = WatchRateLimiter()
         backoff = Backoff(self._retry_max_delay)
-        last: list[KVEntry] | None = None
+        last: T | None = None
         while True:
             if (delay := limiter.delay()) > 0:
                 await asyncio.sleep(delay)
             try:
-                returned, entries = await self.kv_list(prefix, index=index, wait=wait)
+                returned, result = await query(index)
             except (StoreUnavailable, httpx.HTTPError) as exc:
-                log.warning("watch %s: store unavailable (%s); retrying", prefix, exc)
+                log.warning("watch %s: store unavailable (%s); retrying", what, exc)
                 await asyncio.sleep(backoff.next())
                 continue
             backoff.reset()
             index = next_index(index, returned)
-            if entries != last:
-                last = entries
-                yield returned, entries
-
-    async def watch_service(
-        self, name: str, *, passing: bool = True, wait: str = "5m"
-    ) -> AsyncIterator[tuple[int, list[ServiceInstance]]]:
-        """Yield the instances of service ``name`` now and after every change."""
-        index = 0
-        limiter = WatchRateLimiter()
-        backoff = Backoff(self._retry_max_delay)
-        last: list[ServiceInstance] | None = None
-        while True:
-            if (delay := limiter.delay()) > 0:
-                await asyncio.sleep(delay)
-            try:
-                returned, found = await self.health_service(
-                    name, passing=passing, index=index, wait=wait
-                )
-            except (StoreUnavailable, httpx.HTTPError) as exc:
-                log.warning("watch service %s: store unavailable (%s); retrying", name, exc)
-                await asyncio.sleep(backoff.next())
-                continue
-            backoff.reset()
-            index = next_index(index, returned)
-            if found != last:
-                last = found
-                yield returned, found
+            if result != last:
+                last = result
+                yield returned, result
 
 
 def _path(key: str) -> str:
