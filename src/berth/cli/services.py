@@ -29,7 +29,10 @@ def _port_flag(port: int | None) -> int | None:
 
 
 async def _serve(service: Any) -> None:
+    from berth.services.allocator import keep_freed_memory
     from berth.services.shell import ServiceServer
+
+    keep_freed_memory()
 
     try:
         server = ServiceServer(service.shell, service.app())
