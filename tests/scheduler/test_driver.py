@@ -21,7 +21,7 @@ from berth.scheduler.driver.process import ProcessDriver
 from berth.scheduler.errors import LaunchFailed, UnsupportedApp
 from berth.scheduler.models import parse_app
 from berth.scheduler.ports import NoPortsLeft, PortAllocator
-from berth.scheduler.tasklog import TaskLog
+from berth.scheduler.tasklog import TaskLog, prune
 from tests.scheduler.core_support import await_until
 
 
@@ -289,3 +289,14 @@ def test_ports_never_collide_and_skip_busy_ones() -> None:
         assert alloc.allocate(1) == got[:1]
     finally:
         busy.close()
+
+
+def test_prune_keeps_live_and_most_recent_ended_task_logs(tmp_path: Path) -> None:
+    names = ["a.1.log", "a.1.log.1", "a.2.log", "a.3.log", "my.logger.9.log", "live.log"]
+    for i, name in enumerate(names):
+        path = tmp_path / name
+        path.write_text("x")
+        os.utime(path, (1000 + i, 1000 + i))
+    removed = prune(tmp_path, keep=1, live={"live"})
+    assert sorted(p.name for p in removed) == ["a.1.log", "a.1.log.1", "a.2.log", "a.3.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.log", "my.logger.9.log"]

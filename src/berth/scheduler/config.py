@@ -21,6 +21,8 @@ class SchedulerConfig(ComponentConfig):
     kill_grace_seconds: float = Field(3.0, ge=0)
     log_max_size_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     log_max_files: int = Field(3, ge=1, le=100)
+    # Logs of this many ended tasks are kept per app (crash loops would grow without end).
+    log_keep_ended_tasks: int = Field(20, ge=0)
     # auto = cgroup v2, else v1, else rlimits; "rlimit" forces rlimits; "none" disables limits.
     limits: Literal["auto", "cgroup", "rlimit", "none"] = "auto"
     # A task that stays RUNNING (and healthy) this long resets its app's launch backoff.

@@ -18,9 +18,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from berth.scheduler import models
+from berth.scheduler import models, tasklog
 from berth.scheduler.config import SchedulerConfig
 from berth.scheduler.driver.base import Driver, Exit, LaunchSpec, TaskEnv, TaskHandle, marathon_env
 from berth.scheduler.driver.limits import Limiter
@@ -618,7 +619,7 @@ class Scheduler:
         rt.tasks[task_id] = task
         self._publish_status(task)
         env = marathon_env(app, TaskEnv(self.config.host, ports, task_id))
-        log_path = self.config.task_log_dir / app.service_name / f"{task_id}.log"
+        log_path = self._log_dir(app) / f"{task_id}.log"
         spec = LaunchSpec(task_id, app.id, app.cmd, app.args, env, app.cpus, app.mem, log_path)
         try:
             handle = await self.driver.launch(spec)
@@ -663,6 +664,9 @@ class Scheduler:
             self._wake_later(self.config.backoff_reset_seconds + 0.05)
         return True
 
+    def _log_dir(self, app: AppDefinition) -> Path:
+        return self.config.task_log_dir / app.service_name
+
     async def _persist_task(self, task: Task) -> None:
         try:
             await self.state.put_task(task)
@@ -693,6 +697,10 @@ class Scheduler:
             log.warning("task %s of %s ended: %s", task.id, rt.app.id, exit_.message)
             self._record_failure(rt, task, exit_.message)
         rt.tasks.pop(task.id, None)
+        try:
+            tasklog.prune(self._log_dir(rt.app), self.config.log_keep_ended_tasks, set(rt.tasks))
+        except OSError as exc:
+            log.warning("could not prune task logs of %s: %s", rt.app.id, exc)
         # Reconcile before the store round trip: a deployment waiting on this exit
         # finishes right behind its status update.
         self._wake.set()

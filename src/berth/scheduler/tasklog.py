@@ -11,11 +11,14 @@ add a formatter layer per line on the hottest path of a chatty task.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import IO, Literal
 
 Stream = Literal["stdout", "stderr"]
+# "<task-id>.log" or a rotated "<task-id>.log.N"; task ids may contain ".log" themselves.
+_LOG_NAME = re.compile(r"^(.+)\.log(?:\.\d+)?$")
 
 
 def rfc3339_nano(ts_ns: int) -> str:
@@ -74,3 +77,26 @@ class TaskLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def prune(app_dir: Path, keep: int, live: set[str]) -> list[Path]:
+    """Delete the logs of all but the ``keep`` most recent ended tasks of one app.
+
+    A crash-looping app starts a new task (and file) per launch; without this its
+    directory grows forever. Logs of live tasks are never touched.
+    """
+    ended: dict[str, list[Path]] = {}
+    for path in app_dir.glob("*.log*"):
+        m = _LOG_NAME.match(path.name)
+        if m is None:
+            continue
+        task_id = m.group(1)
+        if task_id not in live:
+            ended.setdefault(task_id, []).append(path)
+    by_age = sorted(ended, key=lambda t: max(p.stat().st_mtime for p in ended[t]), reverse=True)
+    removed: list[Path] = []
+    for task_id in by_age[keep:]:
+        for path in ended[task_id]:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
