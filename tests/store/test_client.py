@@ -109,3 +109,15 @@ async def test_watch_survives_restart_and_index_reset(tmp_path: Path) -> None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
         await client.close()
+
+
+async def test_watch_service_follows_health(running: RunningStore) -> None:
+    async with StoreClient(running.url) as client:
+        await client.register_service("api", service_id="api1", port=1, check={"TTL": "30s"})
+        watch = client.watch_service("api", passing=True, wait="30s")
+        _, first = await asyncio.wait_for(anext(watch), 10)
+        assert first == []
+        await client.check_update("service:api1", "pass")
+        _, second = await asyncio.wait_for(anext(watch), 10)
+        assert [i.id for i in second] == ["api1"] and second[0].status == "passing"
+        await watch.aclose()  # type: ignore[attr-defined]
