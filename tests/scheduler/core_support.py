@@ -85,9 +85,13 @@ class Plane:
 
 
 @asynccontextmanager
-async def control_plane(data_dir: Path) -> AsyncIterator[Plane]:
+async def control_plane(data_dir: Path, **scheduler_config: Any) -> AsyncIterator[Plane]:
+    """``scheduler_config`` overrides SchedulerConfig fields (short timers for tests)."""
     server = ControlPlaneServer(ControlPlaneConfig(port=0, data_dir=data_dir))
     component: Any = server.app.components[-1]
+    if scheduler_config:
+        config = component.scheduler.config.model_copy(update=scheduler_config)
+        component.scheduler.config = config
     await server.start()
     store = StoreClient(server.url)
     try:

@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from berth.scheduler.state import TASKS
+from berth.scheduler import models
+from berth.scheduler.state import TASKS, app_key
 from tests.scheduler.core_support import (
     SERVER,
     Events,
@@ -49,6 +50,34 @@ async def test_graceful_restart_stops_tasks_then_restores_without_duplicates(
         assert stored <= new
         _, found = await plane.store.health_service("svc")
         assert {i.id for i in found} <= new
+
+
+async def test_delete_interrupted_by_a_restart_completes_after_it(tmp_path: Path) -> None:
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    app = models.parse_app(
+        {
+            "id": "/gone",
+            "args": [sys.executable, "-c", stubborn],
+            "taskKillGracePeriodSeconds": 600,
+        }
+    )
+    async with control_plane(tmp_path, shutdown_grace_seconds=0.5) as plane:
+        ev = Events(plane.events)
+        dep = await plane.scheduler.create_app(app)
+        await ev.wait_for("deployment_success", id=dep.id)
+        await plane.scheduler.delete_app("/gone", force=False)
+        (task,) = plane.scheduler.tasks("/gone")
+        await ev.wait_for("status_update_event", taskId=task.id, taskStatus="TASK_KILLING")
+        ev.close()
+        # Shutdown does not wait out the 600 s grace period (shutdown_grace_seconds).
+    assert task_processes("/gone") == []
+
+    async with control_plane(tmp_path) as plane:
+        sched = plane.scheduler
+        await await_until(lambda: sched.deployments() == [], what="the delete to finish")
+        assert sched.app("/gone") is None and sched.tasks("/gone") == []
+        assert await plane.store.kv_get(app_key("/gone")) is None
+        assert task_processes("/gone") == []
 
 
 def stop(server: BerthProcess) -> None:

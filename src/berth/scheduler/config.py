@@ -19,6 +19,9 @@ class SchedulerConfig(ComponentConfig):
     host: str = "127.0.0.1"
     # Used when an app does not set taskKillGracePeriodSeconds.
     kill_grace_seconds: float = Field(3.0, ge=0)
+    # At control-plane shutdown no task gets longer than this to exit after SIGTERM,
+    # whatever its taskKillGracePeriodSeconds, so stopping berth stays bounded.
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_max_size_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     log_max_files: int = Field(3, ge=1, le=100)
     # Logs of this many ended tasks are kept per app (crash loops would grow without end).

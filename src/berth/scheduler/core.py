@@ -266,6 +266,10 @@ class Scheduler:
                 self._deployments[dep.id] = dep
                 for app_id in live:
                     self._locks[app_id] = dep.id
+                # A delete interrupted by the restart goes on: the app is not revived.
+                for action, app_id in (a for step in dep.steps for a in step):
+                    if action == "StopApplication" and app_id in self._apps:
+                        self._apps[app_id].deleting = True
             else:
                 with contextlib.suppress(StoreError):
                     await self.state.delete_deployment(dep.id)
@@ -289,13 +293,10 @@ class Scheduler:
         return None if rt is None or rt.deleting else rt.app
 
     def tasks(self, app_id: str | None = None) -> list[Task]:
-        runtimes = (
-            [self._apps[app_id]]
-            if app_id is not None and app_id in self._apps
-            else []
-            if app_id is not None
-            else list(self._apps.values())
-        )
+        if app_id is None:
+            runtimes = list(self._apps.values())
+        else:
+            runtimes = [self._apps[app_id]] if app_id in self._apps else []
         return [t for rt in runtimes for t in rt.tasks.values()]
 
     def status(self, app_id: str) -> AppStatus:
@@ -576,10 +577,11 @@ class Scheduler:
         killing = any(t.state is TaskState.KILLING for t in rt.tasks.values())
         dep = self._deployments.get(self._locks.get(rt.app.id, ""))
         if plan.converged and not killing:
-            if dep is not None:
-                await self._step_done(dep)
+            # A delete's deployment succeeds only once the app is gone from the store.
             if rt.deleting:
                 await self._remove_app(rt)
+            if dep is not None:
+                await self._step_done(dep)
 
     def _maybe_reset_backoff(self, rt: AppRuntime, now: float) -> None:
         if rt.failures == 0:
@@ -750,6 +752,8 @@ class Scheduler:
         handle = self._handles.get(task.id)
         if handle is not None:
             grace = rt.app.task_kill_grace_period_seconds
+            if self._stopping:
+                grace = min(grace, self.config.shutdown_grace_seconds)
             await handle.stop(grace)
 
     # -- health callbacks ------------------------------------------------------------
