@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from berth.scheduler import models
-from berth.scheduler.errors import AppExists, AppLocked, UnknownApp, UnknownTask, UnsupportedApp
+from berth.scheduler.errors import (
+    AppExists,
+    AppLocked,
+    UnknownApp,
+    UnknownDeployment,
+    UnknownTask,
+    UnsupportedApp,
+)
 from berth.scheduler.state import TaskState
 from tests.scheduler.core_support import (
     RECORDS_CATALOG_ON_SIGTERM,
@@ -255,6 +262,38 @@ async def test_app_without_health_checks_deploys_once_running(tmp_path: Path) ->
         status = plane.scheduler.status("/plain")
         # Marathon counts healthy only for tasks with health results.
         assert (status.running, status.healthy, status.deployments) == (2, 0, [])
+        ev.close()
+
+
+async def test_cancel_deployment_rolls_back_or_just_stops(tmp_path: Path) -> None:
+    async with control_plane(tmp_path) as plane:
+        sched = plane.scheduler
+        ev = Events(plane.events)
+        dep = await sched.create_app(http_app("/rb"))
+        await ev.wait_for("deployment_success", id=dep.id)
+        (good,) = sched.tasks("/rb")
+        broken = models.merge_app(sched.app("/rb"), {"env": {"HEALTH_FILE": "/nonexistent"}})
+        stuck = await sched.update_app(broken, force=False)
+        await ev.wait_for(
+            "status_update_event", taskStatus="TASK_RUNNING", where=lambda e: e["taskId"] != good.id
+        )
+        assert [d.id for d in sched.deployments()] == [stuck.id]
+        rollback = await sched.cancel_deployment(stuck.id, force=False)
+        assert rollback is not None and rollback.steps == [[("RestartApplication", "/rb")]]
+        await ev.wait_for("deployment_failed", id=stuck.id)
+        await ev.wait_for("deployment_success", id=rollback.id)
+        # The old task never stopped (min health capacity 1) and is all that is left.
+        assert [t.id for t in sched.tasks("/rb")] == [good.id]
+        assert sched.app("/rb").env == {}  # type: ignore[union-attr]
+
+        stuck = await sched.update_app(
+            models.merge_app(sched.app("/rb"), {"env": {"HEALTH_FILE": "/nonexistent"}}),
+            force=False,
+        )
+        assert await sched.cancel_deployment(stuck.id, force=True) is None
+        assert sched.deployments() == []
+        with pytest.raises(UnknownDeployment):
+            await sched.cancel_deployment(stuck.id, force=True)
         ev.close()
 
 
