@@ -144,6 +144,7 @@ def test_other_keys() -> None:
         ("/watermark/text/aGk=/align/middle", "align"),
         ("/watermark/text/aGk=/margin/10", "margin"),
         ("/align/north", "align"),
+        (f"/watermark/text/{encode_b64('x' * 400)}/size/500", "size"),
     ],
 )
 def test_bad_parameters_name_the_key(path: str, key: str) -> None:

@@ -56,6 +56,7 @@ FONTS: dict[str, str] = {
 
 MAX_SIDE_PARAM = 20_000
 MAX_TEXT = 500
+MAX_TEXT_PIXELS = 16_000_000
 
 
 @dataclass(frozen=True)
@@ -417,6 +418,12 @@ def parse_pairs(pairs: list[tuple[str, str]]) -> Plan:
             plan = replace(plan, **_kw(key, _bool(key, value)))
         else:
             raise InvalidParameter(key, "unknown parameter")
+    for wm in watermarks:
+        # libvips renders text into memory at once: bound its area up front.
+        if wm.kind == "text" and 0.75 * wm.size * wm.size * len(wm.source) > MAX_TEXT_PIXELS:
+            raise InvalidParameter(
+                "size", f"text of {len(wm.source)} characters at {wm.size} is too large"
+            )
     return replace(plan, watermarks=tuple(watermarks))
 
 
