@@ -342,6 +342,8 @@ async def test_animated_gif_and_webp_keep_their_frames(imgprocess: httpx.AsyncCl
     assert response.headers["x-upyun-frames"] == "3"
     frames = decode(response.content, n=-1)
     assert (frames.width, frames.get("page-height")) == (30, 40)
+    response = await process(imgprocess, encode(animation(colours), ".gif"), "/format/png")
+    assert response.headers["x-upyun-frames"] == "1"  # a still format gets the first frame
     response = await process(imgprocess, encode(animation(colours), ".gif"), "/gifto/true")
     assert response.headers["x-upyun-frames"] == "1"
     assert close(pixel(decode(response.content), 5, 5), RED, 10)

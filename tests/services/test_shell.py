@@ -49,6 +49,7 @@ async def test_full_queue_is_503_with_retry_after(start_imgprocess: Callable[...
         blocker = asyncio.create_task(service.shell.work(hold))
         await asyncio.to_thread(started.wait, 30)
         assert "running=1 queued=0" in repr(service.shell.pool)
+        assert "closing=False" in repr(service)
         response = await client.put("/", content=jpeg(solid(10, 10, (0, 0, 0))))
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
@@ -136,3 +137,19 @@ def test_real_process_serves_and_drains_on_sigterm() -> None:
     assert proc.proc.stdout is not None
     proc.proc.stdout.close()
     assert "imgprocess stopped" in proc.output()
+
+
+def test_service_config_layers_and_bad_values(tmp_path: Any) -> None:
+    from berth.config import ConfigError, load
+    from berth.services.config import ImgProcessConfig
+
+    toml = tmp_path / "berth.toml"
+    toml.write_text("[imgprocess]\nworkers = 3\nlimit_pixels = 1000\n")
+    cfg = load(ImgProcessConfig, "imgprocess", {"port": 7}, file=toml, env={})
+    assert (cfg.workers, cfg.limit_pixels, cfg.port) == (3, 1000, 7)
+    cfg = load(ImgProcessConfig, "imgprocess", {}, file=toml, env={"BERTH_IMGPROCESS_WORKERS": "5"})
+    assert cfg.workers == 5
+    with pytest.raises(ConfigError, match="watermark_dir"):
+        load(ImgProcessConfig, "imgprocess", {"watermark_dir": str(tmp_path / "no")}, env={})
+    with pytest.raises(ConfigError, match="workers"):
+        load(ImgProcessConfig, "imgprocess", {"workers": 0}, env={})

@@ -128,7 +128,9 @@ def text_overlay(wm: Watermark) -> pyvips.Image:
     return layer
 
 
-def prepare_watermark(wm: Watermark, base_w: int, base_h: int, load: WatermarkLoader) -> Any:
+def prepare_watermark(
+    wm: Watermark, base_w: int, base_h: int, load: WatermarkLoader
+) -> pyvips.Image:
     overlay = text_overlay(wm) if wm.kind == "text" else with_alpha(load(wm.source))
     if wm.kind == "image" and wm.percent > 0:
         factor = wm.percent / 100 * min(base_w, base_h) / min(overlay.width, overlay.height)
@@ -259,7 +261,9 @@ def needs_random_access(plan: Plan, found: Probe) -> bool:
     return turns or plan.rotate is not None or plan.flip == "vertical" or found.frames > 1
 
 
-def load(data: bytes, found: Probe, plan: Plan, animated: bool) -> tuple[Any, Any]:
+def load(
+    data: bytes, found: Probe, plan: Plan, animated: bool
+) -> tuple[pyvips.Image, geometry.Target | None]:
     """The decoded (lazy) image and the resize target, shrinking on load where possible."""
     oriented = plan.autoorient and not animated
     width, height = found.oriented_size if oriented else (found.width, found.height)
