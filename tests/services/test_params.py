@@ -277,3 +277,11 @@ def test_exif_tags_decode_to_json_values() -> None:
     assert decode_tag("plain") == "plain"
     fields = {"exif-ifd0-Make": "Berth (Berth, ASCII, 6 components, 6 bytes)", "other": "x"}
     assert decode_common(fields) == {"Make": "Berth"}
+
+
+def test_cgroup_cpu_quota() -> None:
+    from berth.services.config import cgroup_cpus
+
+    assert cgroup_cpus("max 100000\n") is None
+    assert cgroup_cpus("150000 100000") == 1.5
+    assert cgroup_cpus("garbage") is None

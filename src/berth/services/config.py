@@ -6,6 +6,7 @@ table of berth.toml, ``BERTH_*`` variables and flags.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -17,12 +18,29 @@ from berth.config import ComponentConfig
 ServiceName = Literal["imageinfo", "imgprocess"]
 
 
+def cgroup_cpus(cpu_max: str) -> float | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` line ("200000 100000" -> 2.0, "max ..." -> None)."""
+    quota, _, period = cpu_max.strip().partition(" ")
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return None
+    return int(quota) / int(period)
+
+
 def _cores() -> int:
-    # The scheduler may pin us to fewer cores than the host has.
+    # The scheduler may pin us to fewer cores than the host has, by affinity
+    # or by a cgroup CPU quota; more threads than that only contend.
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota = cgroup_cpus(fh.read())
+    except OSError:
+        quota = None
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
 
 
 class ServiceConfig(ComponentConfig):
