@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -424,3 +425,35 @@ async def test_processing_time_limit(start_imgprocess: Callable[..., Any]) -> No
         assert response.status_code == 504
         assert response.json()["error"] == "processing_timeout"
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_mangled_images_never_crash_either_service(
+    imgprocess: httpx.AsyncClient, imageinfo: httpx.AsyncClient
+) -> None:
+    """Truncated, bit-flipped and spliced files of every format: a JSON error or an image."""
+    rnd = random.Random(5)
+    seeds = [
+        encode(quadrants(64, 48), s) for s in (".jpg", ".png", ".webp", ".gif", ".tif", ".avif")
+    ]
+    seeds.append(encode(animation([RED, GREEN]), ".gif"))
+    seeds.append(encode(animation([RED, GREEN]), ".webp"))
+    seen: set[int] = set()
+    for _ in range(80):
+        data = bytearray(rnd.choice(seeds))
+        kind = rnd.randrange(3)
+        if kind == 0:
+            data = data[: rnd.randrange(1, len(data))]
+        elif kind == 1:
+            for _ in range(rnd.randrange(1, 20)):
+                data[rnd.randrange(len(data))] = rnd.randrange(256)
+        else:
+            at = rnd.randrange(len(data))
+            data[at:at] = rnd.randbytes(rnd.randrange(1, 50))
+        for client, path in ((imgprocess, "/!/fw/30/format/png"), (imageinfo, "/")):
+            response = await client.put(path, content=bytes(data))
+            seen.add(response.status_code)
+            assert response.status_code in (200, 400, 415, 422), response.text
+            if response.status_code != 200:
+                assert set(response.json()) == {"error", "message"}
+    assert {200, 400} <= seen
+    assert (await imgprocess.get("/health")).status_code == 200
