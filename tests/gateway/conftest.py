@@ -229,6 +229,7 @@ def gateway_config(tmp_path: Path, **overrides: Any) -> GatewayConfig:
         "port": 0,
         "admin_port": 0,
         "data_dir": tmp_path,
+        "shutdown_grace": 2.0,
     }
     doc.update(overrides)
     return GatewayConfig(**doc)

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -370,13 +370,13 @@ class ClientProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._header_bytes = 0
         self._in_head = False
         # Timers: one handle, re-armed on expiry (see _check_timers).
         self._last_data = self.loop.time()
         self._head_started = 0.0
         self._write_paused_since = 0.0
         self._idle_since = self._last_data
-        self._eof = False
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -389,8 +389,8 @@ class ClientProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport is not a subclass of asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip = str(peer[0])
@@ -440,10 +440,9 @@ class ClientProtocol(asyncio.Protocol):
                 self._fail(HeadersTooLarge("request headers are too large"))
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still be reading its responses; keep writing
-        # until they are done, then close.
-        self._eof = True
-        return self.current is not None and self._tunnel is None
+        # As nginx (proxy_ignore_client_abort off): a client that closes its
+        # side has given up; the request in flight is abandoned (logged 499).
+        return False
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -464,7 +463,11 @@ class ClientProtocol(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._headers = []
-        self._head_started = self.loop.time()
+        self._header_bytes = 0
+        self._head_started = now = self.loop.time()
+        due = now + self.config.client_header_timeout
+        if self._timer is None or self._timer.when() > due:
+            self._arm_timer(due - now)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -473,6 +476,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.config.limit_header_bytes:
+            raise HeadersTooLarge(
+                f"request headers are over {self.config.limit_header_bytes} bytes"
+            )
         if len(self._headers) > self.config.limit_header_count:
             raise HeadersTooLarge(f"more than {self.config.limit_header_count} request headers")
 
@@ -880,7 +888,7 @@ class ClientProtocol(asyncio.Protocol):
         doc["request_id"] = ex.request_id.decode("latin-1")
         body = json.dumps(doc).encode()
         # A request whose body was not read cannot be followed by another one.
-        if not ex.body_complete or error.status in (400, 408, 413, 414, 431):
+        if not ex.body_complete or error.status in (400, 408, 413, 414, 417, 431):
             ex.keep_alive = False
         lines = [
             b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error")),
@@ -913,7 +921,6 @@ class ClientProtocol(asyncio.Protocol):
             or self.closing
             or not ex.body_complete
             or self.ctx.draining
-            or (self._eof and not self.pipeline)
         ):
             self.close()
             return
