@@ -192,7 +192,7 @@ def test_store_config_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "berth.toml").write_text("[store]\nwait_max_s = 60\nwait_default_s = 30\n")
-    monkeypatch.setenv("BERTH_SQLITE_SYNCHRONOUS", "FULL")
+    monkeypatch.setenv("BERTH_STORE_SQLITE_SYNCHRONOUS", "FULL")
     cfg = load_store_config(tmp_path / "store")
     assert (cfg.sqlite_synchronous, cfg.wait_max_s, cfg.data_dir) == (
         "FULL",
