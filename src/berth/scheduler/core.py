@@ -156,12 +156,14 @@ class Scheduler:
         )
         return (
             f"<Scheduler {phase} apps={len(self._apps)} tasks={tasks} "
-            f"deployments={len(self._deployments)} limits={self._limits_kind()}>"
+            f"deployments={len(self._deployments)} limits={self.limits_in_force}>"
         )
 
-    def _limits_kind(self) -> str:
+    @property
+    def limits_in_force(self) -> str:
+        """How task resources are limited on this host: cgroup-v2, cgroup-v1, rlimit or none."""
         limiter = getattr(self.driver, "limiter", None)
-        return str(getattr(limiter, "kind", "n/a"))
+        return str(getattr(limiter, "kind", "none"))
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class Scheduler:
         """Returns at once: the store may only answer once the control plane serves."""
         self._probes = Probes()
         self._runner = asyncio.create_task(self._run(), name="scheduler")
+        log.info("scheduler: task limits via %s", self.limits_in_force)
 
     async def wait_ready(self) -> None:
         await self._loaded.wait()
