@@ -46,6 +46,7 @@ class EchoApp:
         self.name = name
         self.requests: list[dict[str, Any]] = []
         self.hold = asyncio.Event()
+        self.arrived = asyncio.Event()  # set when a request arrives (tests clear it)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -58,6 +59,7 @@ class EchoApp:
         record = {"method": scope["method"], "path": path, "query": scope["query_string"].decode()}
         record["headers"] = headers
         self.requests.append(record)
+        self.arrived.set()
         base = [(b"x-upstream", self.name.encode()), (b"content-type", b"application/json")]
         if path == "/echo":
             await send({"type": "http.response.start", "status": 200, "headers": base})
@@ -319,3 +321,10 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     else:
         body = await reader.read(-1)
     return status, headers, body
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll with a deadline, for state no event announces (e.g. a set becoming empty)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)

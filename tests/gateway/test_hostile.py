@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from tests.gateway.conftest import raw_request
+from tests.gateway.conftest import eventually, raw_request
 
 H = b"Host: svc\r\n"
 TLS_HELLO = bytes.fromhex("16030100a5010000a10303") + bytes(range(32)) + b"\x00\x20"
@@ -90,7 +90,7 @@ async def test_hostile_input(target, name: str, data: bytes, status: int) -> Non
 
 
 async def test_slowloris_gets_408(target) -> None:
-    gw, upstream = target
+    gw, _ = target
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     for part in (b"GET / HTTP/1.1\r\n", b"Host: svc\r\n", b"X-Slow: 1\r\n"):
         writer.write(part)
@@ -116,17 +116,14 @@ async def test_client_vanishing_mid_request_leaks_nothing(target) -> None:
         b"POST /echo HTTP/1.1\r\nHost: svc\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000,
         b"GET /hold HTTP/1.1\r\nHost: svc\r\n\r\n",
     ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        upstream.app.arrived.clear()
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         writer.write(data)
         await writer.drain()
-        while not upstream.app.requests:
-            await asyncio.sleep(0.01)
+        await upstream.app.arrived.wait()
         writer.transport.abort()
-        upstream.app.requests.clear()
     ctx = gw.server.ctx
-    async with asyncio.timeout(10):
-        while ctx.connections:
-            await asyncio.sleep(0.01)
+    await eventually(lambda: not ctx.connections)
     await _still_serves(gw)
 
 

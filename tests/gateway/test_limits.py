@@ -84,8 +84,7 @@ async def test_concurrency_limit_503(make_gateway, upstreams) -> None:
     )
     async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
         held = asyncio.create_task(client.get("/hold"))
-        while not a.app.requests:
-            await asyncio.sleep(0.01)
+        await a.app.arrived.wait()
         r = await client.get("/")
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "in flight" in r.json()["error"]
