@@ -266,7 +266,8 @@ class ProcessDriver:
                 start_new_session=True,
                 preexec_fn=lambda: _child_setup(parent, prepared),
             )
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            # ValueError: e.g. a NUL byte in argv/env (models reject those; belt and braces).
             tasklog.write(f"berth: cannot start task: {exc}\n", "stderr")
             tasklog.close()
             self.limiter.release(spec.task_id)
