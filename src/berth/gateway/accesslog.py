@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,18 +95,39 @@ class AccessLog:
     # -- writer thread ------------------------------------------------------
 
     def _write_batch(self, batch: list[dict[str, Any]]) -> None:
-        data = "".join(
-            json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in batch
-        ).encode("utf-8", "replace")
+        for record in batch:
+            # Formatted here, off the event loop: the request path stores the float.
+            stamp = record.get("time")
+            if isinstance(stamp, float):
+                record["time"] = _iso(stamp)
+        lines = [
+            (json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n").encode(
+                "utf-8", "replace"
+            )
+            for r in batch
+        ]
         fd = self._open()
-        if os.fstat(fd).st_size + len(data) > self.max_bytes:
-            fd = self._rotate()
-        # One write() per batch: O_APPEND keeps whole batches from different
+        size = os.fstat(fd).st_size
+        pending: list[bytes] = []
+        pending_size = 0
+        for line in lines:
+            if size + pending_size + len(line) > self.max_bytes and size + pending_size > 0:
+                self._append(fd, pending)
+                fd = self._rotate()
+                size = os.fstat(fd).st_size
+                pending, pending_size = [], 0
+            pending.append(line)
+            pending_size += len(line)
+        self._append(fd, pending)
+        self.metrics.access_log_written += len(batch)
+
+    @staticmethod
+    def _append(fd: int, lines: list[bytes]) -> None:
+        # One write() per run of lines: O_APPEND keeps runs from different
         # workers from interleaving inside a line.
-        view = memoryview(data)
+        view = memoryview(b"".join(lines))
         while view:
             view = view[os.write(fd, view) :]
-        self.metrics.access_log_written += len(batch)
 
     def _open(self) -> int:
         if self._fd is not None:
@@ -138,3 +160,9 @@ class AccessLog:
         except FileNotFoundError:
             return False
         return same
+
+
+def _iso(stamp: float) -> str:
+    whole = int(stamp)
+    millis = int((stamp - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
