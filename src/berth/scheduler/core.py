@@ -628,13 +628,16 @@ class Scheduler:
         spec = LaunchSpec(task_id, app.id, app.cmd, app.args, env, app.cpus, app.mem, log_path)
         try:
             handle = await self.driver.launch(spec)
-        except LaunchFailed as exc:
+        except Exception as exc:
+            if not isinstance(exc, LaunchFailed):
+                # A driver bug must fail this task (and back off), not wedge it in STAGING.
+                log.exception("launching %s failed", task_id)
             self.ports.release(ports)
             del rt.tasks[task_id]
             task.state = TaskState.FAILED
-            task.message = str(exc)
+            task.message = str(exc) if isinstance(exc, LaunchFailed) else f"driver error: {exc!r}"
             self._publish_status(task)
-            self._record_failure(rt, task, str(exc))
+            self._record_failure(rt, task, task.message)
             return False
         self._handles[task_id] = handle
         self._spawn(self._watch(rt, task, handle))
