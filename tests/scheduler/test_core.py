@@ -185,6 +185,19 @@ async def test_crashing_task_backs_off_and_shows_delayed(tmp_path: Path) -> None
         ev.close()
 
 
+async def test_unlaunchable_app_fails_and_backs_off(tmp_path: Path) -> None:
+    async with control_plane(tmp_path) as plane:
+        ev = Events(plane.events)
+        app = models.parse_app({"id": "/ghost", "args": ["/no/such/binary"], "backoffSeconds": 60})
+        await plane.scheduler.create_app(app)
+        event = await ev.wait_for("status_update_event", taskStatus="TASK_FAILED")
+        assert "/no/such/binary" in event["message"]
+        (entry,) = plane.scheduler.queue()
+        assert entry.app_id == "/ghost" and entry.delay_until is not None
+        assert plane.scheduler.tasks("/ghost") == []
+        ev.close()
+
+
 async def test_memory_limit_is_enforced_and_reported(tmp_path: Path) -> None:
     async with control_plane(tmp_path) as plane:
         sched = plane.scheduler
