@@ -75,11 +75,18 @@ class ControlPlaneServer:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        self._server.should_exit = True
+        self.request_exit()
         await self._task
 
     async def wait_stopped(self) -> None:
         await self._task
 
     def request_exit(self) -> None:
+        # Components holding requests open (the store's blocking queries, up to
+        # 10 minutes) answer them now, so uvicorn's drain does not wait out its
+        # graceful timeout and cancel them.
+        for component in self.app.components:
+            drain = getattr(component, "drain", None)
+            if drain is not None:
+                drain()
         self._server.should_exit = True

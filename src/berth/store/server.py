@@ -43,6 +43,7 @@ async def _disconnected(receive: Receive) -> None:
 class Lifecycle(enum.Enum):
     NEW = "new"
     RUNNING = "running"
+    DRAINING = "draining"  # the server is stopping: still serving, but never blocking
     CLOSING = "closing"
     CLOSED = "closed"
 
@@ -95,8 +96,14 @@ class StoreServer:
             self.persistence.path,
         )
 
+    def drain(self) -> None:
+        """The control plane is stopping: answer blocked readers now, block no more."""
+        if self.lifecycle is Lifecycle.RUNNING:
+            self.lifecycle = Lifecycle.DRAINING
+            self.hub.notify_all()
+
     async def stop(self) -> None:
-        if self.lifecycle is not Lifecycle.RUNNING:
+        if self.lifecycle not in (Lifecycle.RUNNING, Lifecycle.DRAINING):
             return
         self.lifecycle = Lifecycle.CLOSING
         # Blocked readers answer now with the current state rather than hanging
