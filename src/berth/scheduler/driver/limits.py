@@ -127,6 +127,13 @@ class Limiter:
         finally:
             probe.rmdir()
         self.kind = "cgroup-v1"
+        # The parents exist only while tasks do (see release): a control plane that is
+        # killed, or built and never started, leaves nothing in the host's cgroup.
+        self._remove_empty_parents()
+
+    @property
+    def parent_dirs(self) -> list[Path]:
+        return list(self._parents.values())
 
     def _dirs(self, task_id: str) -> list[Path]:
         return [parent / task_id for parent in self._parents.values()]
@@ -219,13 +226,18 @@ class Limiter:
                 pass
             except OSError as exc:
                 log.warning("could not remove cgroup %s: %s", d, exc)
+        self._remove_empty_parents()
 
-    def close(self) -> None:
-        """Remove berth's (empty) parent cgroups on the v1 hierarchies we created them in."""
+    def _remove_empty_parents(self) -> None:
+        # v1 only: there the parents sit inside the control plane's own cgroup. The v2
+        # parent (/sys/fs/cgroup/berth, with its subtree_control) stays, as Docker's does.
         if self.kind != "cgroup-v1":
             return
         for parent in self._parents.values():
             try:
                 parent.rmdir()
             except OSError:
-                pass
+                pass  # still holds tasks (ours or another scheduler's): fine
+
+    def close(self) -> None:
+        self._remove_empty_parents()
