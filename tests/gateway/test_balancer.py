@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 import collections
+from typing import Any
+
+import httpx
 
 from berth.gateway.balancer import HashRing, hash_key, least_conn, smooth_weighted
 from berth.gateway.cluster import Cluster, Server, ServerStatus
-from berth.gateway.routes import Route
+from berth.gateway.routes import Route, RoutingTable
 
 RR = Route(host="h", path_prefix="/", cluster="c")
 LC = Route(host="h", path_prefix="/", cluster="c", lb="least_conn")
@@ -195,3 +199,76 @@ def test_empty_or_all_excluded() -> None:
     assert Cluster("c", ()).pick(RR, None) is None
     pool = servers(1, 1)
     assert Cluster("c", pool).pick(RR, None, exclude=pool) is None
+
+
+# -- through the real gateway: distributions as clients see them -----------------------------
+
+
+def table_of(route: Route, servers: list[Server]) -> RoutingTable:
+    return RoutingTable([route], {route.cluster: Cluster(route.cluster, servers)})
+
+
+async def served_by(client: httpx.AsyncClient, host: str, path: str = "/", **headers: str) -> str:
+    resp = await client.get(path, headers={"Host": host, **headers})
+    assert resp.status_code == 200, resp.text
+    return str(resp.headers["x-upstream"])
+
+
+async def test_gateway_weighted_round_robin(make_gateway: Any, upstreams: Any) -> None:
+    a, b = await upstreams("a"), await upstreams("b")
+    gw = await make_gateway()
+    route = Route("rr.test", "/", "rr")
+    gw.routes.table = table_of(
+        route, [Server("127.0.0.1", a.port, 3), Server("127.0.0.1", b.port, 1)]
+    )
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        seen = collections.Counter([await served_by(client, "rr.test") for _ in range(40)])
+    assert seen == {"a": 30, "b": 10}
+
+
+async def test_gateway_least_conn_avoids_the_busy_server(make_gateway: Any, upstreams: Any) -> None:
+    a, b = await upstreams("a"), await upstreams("b")
+    gw = await make_gateway()
+    route = Route("lc.test", "/", "lc", lb="least_conn")
+    gw.routes.table = table_of(route, [Server("127.0.0.1", a.port), Server("127.0.0.1", b.port)])
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        held = asyncio.create_task(client.get("/hold", headers={"Host": "lc.test"}))
+        while not (a.app.requests or b.app.requests):  # noqa: ASYNC110 - nothing to await
+            await asyncio.sleep(0.01)
+        busy = "a" if a.app.requests else "b"
+        seen = collections.Counter([await served_by(client, "lc.test") for _ in range(20)])
+        assert busy not in seen and sum(seen.values()) == 20
+        a.app.hold.set()
+        b.app.hold.set()
+        assert (await held).status_code == 200
+
+
+async def test_gateway_consistent_hash_by_header(make_gateway: Any, upstreams: Any) -> None:
+    ups = [await upstreams(name) for name in ("a", "b", "c")]
+    gw = await make_gateway()
+    route = Route("hash.test", "/", "h", lb="hash", hash_on="header", hash_header="x-user")
+    gw.routes.table = table_of(route, [Server("127.0.0.1", u.port) for u in ups])
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        first = {u: await served_by(client, "hash.test", **{"X-User": f"u{u}"}) for u in range(30)}
+        again = {u: await served_by(client, "hash.test", **{"X-User": f"u{u}"}) for u in range(30)}
+        by_uri = {await served_by(client, "hash.test", "/same/path") for _ in range(6)}
+    assert first == again
+    assert set(first.values()) == {"a", "b", "c"}
+    # No X-User header: round-robin over all servers instead.
+    assert len(by_uri) == 3
+
+
+async def test_gateway_backup_level_only_when_primary_is_down(
+    make_gateway: Any, upstreams: Any
+) -> None:
+    a, backup = await upstreams("a"), await upstreams("backup")
+    gw = await make_gateway()
+    primary = Server("127.0.0.1", a.port, max_fails=1, fail_timeout=60)
+    route = Route("lv.test", "/", "lv")
+    gw.routes.table = table_of(route, [primary, Server("127.0.0.1", backup.port, level=2)])
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        assert {await served_by(client, "lv.test") for _ in range(10)} == {"a"}
+        await a.stop()
+        # The first request fails over within its tries; from then on the primary is out.
+        assert {await served_by(client, "lv.test") for _ in range(10)} == {"backup"}
+    assert primary.status is ServerStatus.ERR and primary.msg
