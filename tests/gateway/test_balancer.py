@@ -233,8 +233,10 @@ async def test_gateway_least_conn_avoids_the_busy_server(make_gateway: Any, upst
     gw.routes.table = table_of(route, [Server("127.0.0.1", a.port), Server("127.0.0.1", b.port)])
     async with httpx.AsyncClient(base_url=gw.url) as client:
         held = asyncio.create_task(client.get("/hold", headers={"Host": "lc.test"}))
-        while not (a.app.requests or b.app.requests):  # noqa: ASYNC110 - nothing to await
-            await asyncio.sleep(0.01)
+        arrivals = [asyncio.create_task(u.app.arrived.wait()) for u in (a, b)]
+        await asyncio.wait(arrivals, return_when=asyncio.FIRST_COMPLETED)
+        for task in arrivals:
+            task.cancel()
         busy = "a" if a.app.requests else "b"
         seen = collections.Counter([await served_by(client, "lc.test") for _ in range(20)])
         assert busy not in seen and sum(seen.values()) == 20
