@@ -183,6 +183,11 @@ def test_merged_upstream() -> None:
         "health_check"
     ] == {"type": "tcp"}
     assert merged_upstream({"servers": [5]}, None) == {"servers": [5]}
+    assert merged_upstream({"protected": False}, old) == {
+        "cluster": [{"servers": [1]}, {"servers": [2]}],
+        "health_check": {"type": "none"},
+        "protected": False,
+    }
 
 
 BAD_REQUESTS = [

@@ -164,7 +164,6 @@ def test_parse_upstream_cluster_levels_and_check() -> None:
     ("doc", "message"),
     [
         ([], "body:"),
-        ({}, "servers:"),
         ({"servers": [], "cluster": []}, "servers:"),
         ({"servers": {}}, "servers:"),
         ({"servers": [{"port": 1}]}, "servers[0].host:"),
@@ -200,6 +199,12 @@ def test_parse_upstream_errors(doc: Any, message: str) -> None:
     with pytest.raises(ValueError) as err:
         parse_upstream("c", doc)
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_parse_upstream_settings_only() -> None:
+    spec = parse_upstream("svc", {"health_check": {"type": "http", "path": "/health"}})
+    assert spec.levels == () and spec.check.path == "/health"
+    assert parse_upstream("svc", {}).levels == ()
 
 
 def test_parse_upstream_rejects_bad_name() -> None:

@@ -213,8 +213,9 @@ def merged_upstream(new: dict[str, Any], existing: dict[str, Any] | None) -> dic
     """The store document after an update, Slardar's way.
 
     ``{"servers": [...]}`` replaces level 1 and keeps the other levels;
-    ``{"cluster": [...]}`` replaces every level. Either keeps the stored
-    health check and protect flag unless the body gives them.
+    ``{"cluster": [...]}`` replaces every level; a body with neither keeps the
+    servers. Each keeps the stored health check and protect flag unless the
+    body gives them.
     """
     if existing is None:
         return dict(new)
@@ -224,6 +225,12 @@ def merged_upstream(new: dict[str, Any], existing: dict[str, Any] | None) -> dic
             doc[key] = new[key]
     if "cluster" in new:
         doc["cluster"] = new["cluster"]
+        return doc
+    if "servers" not in new:
+        # Only settings given: the stored servers stay as they are.
+        for key in ("servers", "cluster"):
+            if key in existing:
+                doc[key] = existing[key]
         return doc
     old_levels = existing.get("cluster")
     if isinstance(old_levels, list) and len(old_levels) > 1:

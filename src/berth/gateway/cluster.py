@@ -376,7 +376,8 @@ def parse_upstream(name: str, doc: Any, defaults: CheckSpec = CheckSpec()) -> Up
     """Parse Slardar's upstream bodies; ValueError naming the field.
 
     ``{"servers": [...]}`` is level 1 only; ``{"cluster": [{"servers": [...]}, ...]}``
-    gives every level in order. Both may carry ``"health_check"`` and ``"protected"``.
+    gives every level in order. Both may carry ``"health_check"`` and ``"protected"``;
+    a body with neither list sets only those (e.g. the check of a catalog service).
     Slardar's ``"enable"`` is accepted and ignored.
     """
     from berth.gateway.routes import NAME_RE
@@ -385,11 +386,12 @@ def parse_upstream(name: str, doc: Any, defaults: CheckSpec = CheckSpec()) -> Up
         raise ValueError(f"name: {_short(name)} must match [-_a-zA-Z0-9.]+")
     doc = _obj(doc, "body")
     _unknown(doc, ("servers", "cluster", "health_check", "protected", "enable"), "")
-    if ("servers" in doc) == ("cluster" in doc):
+    if "servers" in doc and "cluster" in doc:
         raise ValueError("servers: give either servers (level 1) or cluster (all levels)")
+    levels: tuple[tuple[ServerSpec, ...], ...] = ()
     if "servers" in doc:
-        levels: tuple[tuple[ServerSpec, ...], ...] = (_parse_servers(doc["servers"], "servers", 1),)
-    else:
+        levels = (_parse_servers(doc["servers"], "servers", 1),)
+    elif "cluster" in doc:
         cluster = doc["cluster"]
         if not isinstance(cluster, list):
             raise ValueError('cluster: must be a list of levels [{"servers": [...]}, ...]')
