@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,11 @@ from berth.config import ConfigError
 def cli(ctx: click.Context, config: Path | None, log_level: str, log_format: str) -> None:
     """berth: run cloud processing services."""
     setup_logging(log_level, "json" if log_format == "json" else "text")
+    if config is not None:
+        # Through the environment, so components built deep inside a process
+        # (the store in the control plane) and child processes (`berth up`'s)
+        # all read the same file.
+        os.environ["BERTH_CONFIG"] = str(config.resolve())
     ctx.obj = {"config_file": config}
 
 
