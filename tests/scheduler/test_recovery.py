@@ -36,8 +36,10 @@ async def test_graceful_restart_stops_tasks_then_restores_without_duplicates(
         await ev.wait_for("deployment_success", id=dep.id)
         old = {t.id for t in plane.scheduler.tasks("/svc")}
         ev.close()
-    # Stopped with the control plane: nothing of the app keeps running.
+    # Stopped with the control plane: nothing of the app keeps running, nor the reaper.
     assert task_processes("/svc") == []
+    children = psutil.Process().children(recursive=True)
+    assert not [p for p in children if "reaper.py" in " ".join(p.cmdline())]
 
     async with control_plane(tmp_path) as plane:
         sched = plane.scheduler
