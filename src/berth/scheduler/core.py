@@ -2,8 +2,10 @@
 
 API calls, task exits, health changes and backoff timers only change state and
 set ``_wake``; the loop then asks :func:`plan.plan_app` what to do per app and
-does it. Stopping a task (deregister, SIGTERM, grace, SIGKILL) runs in the
-background so a slow task never stalls the loop.
+does it. A new task counts for a deployment once it is healthy *and* the store
+acknowledged its catalog entry; stopping a task (deregister, drain, SIGTERM,
+grace, SIGKILL) runs in the background so a slow task never stalls the loop.
+Together these keep a rolling restart from failing requests at the gateway.
 
 Shutdown (``stop``): tasks are stopped, not left for re-adoption. They cannot
 outlive the control plane anyway (see ``driver/process.py``), and ``berth up``
