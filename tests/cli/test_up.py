@@ -161,3 +161,30 @@ def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
     assert f"port {port} is already in use" in result.stderr
     assert "--control-port" in result.stderr
     assert result.stderr.count("\n") <= 2
+
+
+@pytest.mark.timeout(240)
+def test_up_again_on_the_same_data_dir_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = Up(data)
+    try:
+        assert first.ready.wait(100), first.output()
+        assert first.control is not None
+        before = {
+            a["id"]: a["version"] for a in httpx.get(first.control + "/v2/apps").json()["apps"]
+        }
+    finally:
+        assert first.stop() == 0, first.output()
+
+    second = Up(data)
+    try:
+        assert second.ready.wait(100), second.output()
+        assert second.control is not None and second.gateway is not None
+        apps = httpx.get(second.control + "/v2/apps").json()["apps"]
+        # Resumed from the store, not deployed anew: same definitions, same versions.
+        assert {a["id"]: a["version"] for a in apps} == before
+        assert "resuming app /imageinfo" in second.output()
+        info = httpx.put(second.gateway + "/", content=_jpeg(64, 48), headers={"Host": "imageinfo"})
+        assert info.status_code == 200, info.text
+    finally:
+        assert second.stop() == 0, second.output()
