@@ -246,11 +246,6 @@ async def test_app_without_health_checks_finishes_deploying(url: str) -> None:
             await http.delete("/v2/apps/nohealth?force=true")
 
 
-@pytest.mark.xfail(
-    reason="scheduler core: a task whose checks have not passed yet (or failed only inside "
-    "the grace period) counts in tasksUnhealthy; Marathon counts it as neither",
-    strict=False,
-)
 async def test_task_in_grace_period_is_not_counted_unhealthy(url: str) -> None:
     # Marathon ignores failed checks inside gracePeriodSeconds: such a task is
     # "unknown" in its UI, neither healthy nor unhealthy.

@@ -49,6 +49,7 @@ from berth.scheduler.render import (
     render_tasks_text,
 )
 from berth.store.client import StoreClient
+from berth.store.errors import StoreUnavailable
 
 log = logging.getLogger("berth.scheduler.api")
 
@@ -459,6 +460,11 @@ def _error_response(exc: Exception) -> JSONResponse:
         return JSONResponse({"message": str(exc)}, status_code=404)
     if isinstance(exc, HTTPException):
         return JSONResponse({"message": exc.detail}, status_code=exc.status_code)
+    if isinstance(exc, StoreUnavailable):
+        # A dependency is down, not a bug: 503 tells clients to come back.
+        log.warning("Marathon API: store unavailable: %s", exc)
+        body = {"message": f"the store is unavailable: {exc}"}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
     log.exception("unexpected error in the Marathon API", exc_info=exc)
     return JSONResponse({"message": f"internal error: {type(exc).__name__}"}, status_code=500)
 
