@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +114,13 @@ async def test_put_then_status_in_slardar_shape(env: Env) -> None:
         stored = await env.store.kv_get("berth/gateway/upstreams/test")
         assert stored is not None and stored.json() == body
 
-        async def statuses() -> list[list[str]]:
-            doc = (await env.http.get("/status")).json()
-            return [[s["status"] for s in level] for level in doc["cls:test"]]
+        def checked() -> bool:
+            cluster = env.discovery.table.clusters.get("test")
+            return cluster is not None and [
+                [srv.status.value for srv in level] for level in cluster.levels
+            ] == [["ok"], ["err"]]
 
-        for _ in range(500):
-            if await statuses() == [["ok"], ["err"]]:
-                break
-            await asyncio.sleep(0.02)
+        assert await env.discovery.wait_for(checked, 10)
         doc = (await env.http.get("/status")).json()
         ok, err = doc["cls:test"][0][0], doc["cls:test"][1][0]
         assert ok["server"] == f"test:127.0.0.1:{live_port}"
@@ -329,6 +328,7 @@ class Load:
         self.host = host
         self.clients = clients
         self.results: list[tuple[float, int, str]] = []
+        self.answered = asyncio.Event()  # set on every answer
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -338,6 +338,7 @@ class Load:
                 started = asyncio.get_running_loop().time()
                 resp = await http.get("/x")
                 self.results.append((started, resp.status_code, resp.headers.get("x-upstream", "")))
+                self.answered.set()
 
     def __enter__(self) -> Load:
         self._tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
@@ -350,14 +351,20 @@ class Load:
         self._stop.set()
         await asyncio.gather(*self._tasks)
 
-    async def seen(self, name: str, timeout: float = 10.0) -> float:
-        """Wait until `name` answered a request; returns the loop time."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not any(up == name for _, _, up in self.results):
-            assert loop.time() < deadline, f"{name} never answered"
-            await asyncio.sleep(0.01)
-        return loop.time()
+    async def _until(self, cond: Callable[[], bool], timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                self.answered.clear()
+                await self.answered.wait()
+
+    async def seen(self, name: str, timeout: float = 10.0) -> None:
+        """Wait until `name` answered a request."""
+        await self._until(lambda: any(up == name for _, _, up in self.results), timeout)
+
+    async def more(self, count: int, timeout: float = 10.0) -> None:
+        """Wait for `count` more answers."""
+        target = len(self.results) + count
+        await self._until(lambda: len(self.results) >= target, timeout)
 
 
 def server_doc(up: Any) -> dict[str, Any]:
@@ -387,8 +394,7 @@ async def test_store_changes_under_load_fail_no_request(live: Live, upstreams: A
             "svc", service_id="svc-c", address="127.0.0.1", port=c.port
         )
         await load.seen("c")
-        for _ in range(20):  # some more traffic after the last change
-            await asyncio.sleep(0.01)
+        await load.more(30)  # some more traffic after the last change
         await load.finish()
     statuses = {status for _, status, _ in load.results}
     assert statuses == {200}, f"failed requests during changes: {statuses}"
@@ -423,12 +429,15 @@ async def test_failures_and_recovery_visible_in_status(live: Live, upstreams: An
         return next(s for s in doc["cls:mixed"][0] if s["address"].endswith(f":{port}"))
 
     async def wait_status(port: int, want: str) -> dict[str, Any]:
-        for _ in range(1000):
-            s = await status_of(port)
-            if s["status"] == want:
-                return s
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"{port} never became {want}: {s}")
+        discovery = live.server.discovery
+
+        def reached() -> bool:
+            cluster = discovery.table.clusters.get("mixed")
+            server = cluster.server(f"127.0.0.1:{port}") if cluster else None
+            return server is not None and server.status.value == want
+
+        assert await discovery.wait_for(reached, 10), f"{port} never became {want}"
+        return await status_of(port)
 
     down = await wait_status(flaky_port, "err")
     assert down["msg"] == "connection refused"

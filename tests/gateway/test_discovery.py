@@ -169,14 +169,6 @@ async def discovery(store: StoreClient, tmp_path: Path) -> AsyncIterator[Discove
     await d.stop()
 
 
-async def poll(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    # Health changes are not table swaps: nothing to await, so poll with a deadline.
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def until(d: Discovery, cond: Callable[[], bool], timeout: float = 10.0) -> None:
     assert await d.wait_for(cond, timeout), "discovery never reached the expected state"
 
@@ -340,7 +332,7 @@ async def test_health_state_survives_config_changes(
         s = c.server(f"127.0.0.1:{port}") if c else None
         return s.health if s else None
 
-    await poll(lambda: server_status() is ServerStatus.ERR)
+    await until(discovery, lambda: server_status() is ServerStatus.ERR)
     await store.kv_put_json(
         key,
         {
@@ -381,7 +373,7 @@ async def test_store_down_at_start_then_up(tmp_path: Path) -> None:
                 await cp.stop()
             # The store goes away again: the table stays.
             before = d.table
-            await asyncio.sleep(0.2)
+            await until(d, lambda: d.store_error is not None)
             assert d.table is before and d.table.find_route("late.example.com", "/") is not None
         finally:
             await d.stop()

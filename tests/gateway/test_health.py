@@ -66,12 +66,20 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+class Changes:
+    """The checker's on_change hook as an awaitable: tests wait for status changes."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.event.set()
+
+    async def until(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                await self.event.wait()
+                self.event.clear()
 
 
 def test_parse_status_line() -> None:
@@ -128,16 +136,17 @@ async def test_checker_marks_down_and_restores_without_restart() -> None:
     server = Server("127.0.0.1", port)
     spec = CheckSpec(type="http", path="/", interval=0.05, timeout=1.0, rise=2, fall=2)
     cluster = Cluster("svc", [server], check=spec)
-    checker = HealthChecker()
+    changes = Changes()
+    checker = HealthChecker(on_change=changes)
     checker.update(RoutingTable((), {"svc": cluster}))
     try:
-        await until(lambda: server.status is not ServerStatus.UNCHECKED)
+        await changes.until(lambda: server.status is not ServerStatus.UNCHECKED)
         # The only server is down: protect mode shows it unstable, as checkups does.
-        await until(lambda: server.status is ServerStatus.UNSTABLE)
+        await changes.until(lambda: server.status is ServerStatus.UNSTABLE)
         assert server.health is ServerStatus.ERR and server.msg == "connection refused"
         up = await TinyHTTP().start(port)
         try:
-            await until(lambda: server.status is ServerStatus.OK)
+            await changes.until(lambda: server.status is ServerStatus.OK)
             assert server.msg is None and server.fail_num == 0
         finally:
             await up.stop()
@@ -151,14 +160,15 @@ async def test_checker_marks_down_and_restores_without_restart() -> None:
 async def test_passive_err_is_restored_by_active_check(http: TinyHTTP) -> None:
     server = Server("127.0.0.1", http.port, max_fails=1, fail_timeout=1e6)
     cluster = Cluster("svc", [server], check=CheckSpec(interval=0.05, rise=1))
-    checker = HealthChecker()
+    changes = Changes()
+    checker = HealthChecker(on_change=changes)
     checker.update(RoutingTable((), {"svc": cluster}))
     try:
-        await until(lambda: server.status is ServerStatus.OK)
+        await changes.until(lambda: server.status is ServerStatus.OK)
         cluster.on_request_start(server)
         cluster.on_request_end(server, False, "upstream timed out")
         assert server.health is ServerStatus.ERR
-        await until(lambda: server.health is ServerStatus.OK)
+        await changes.until(lambda: server.health is ServerStatus.OK)
     finally:
         await checker.stop()
 
@@ -167,15 +177,16 @@ async def test_new_server_is_checked_at_once(http: TinyHTTP) -> None:
     old = Server("127.0.0.1", http.port)
     # An interval far longer than the test: only the immediate check can run.
     spec = CheckSpec(interval=3600, rise=5)
-    checker = HealthChecker()
+    changes = Changes()
+    checker = HealthChecker(on_change=changes)
     checker.update(RoutingTable((), {"svc": Cluster("svc", [old], check=spec)}))
     try:
-        await until(lambda: old.status is ServerStatus.OK)
+        await changes.until(lambda: old.status is ServerStatus.OK)
         dead = Server("127.0.0.1", closed_port())
         fresh = Server("localhost", http.port)
         checker.update(RoutingTable((), {"svc": Cluster("svc", [old, dead, fresh], check=spec)}))
-        await until(lambda: fresh.status is ServerStatus.OK)
-        await until(lambda: dead.status is ServerStatus.ERR)
+        await changes.until(lambda: fresh.status is ServerStatus.OK)
+        await changes.until(lambda: dead.status is ServerStatus.ERR)
         assert old.status is ServerStatus.OK
     finally:
         await checker.stop()
@@ -183,12 +194,13 @@ async def test_new_server_is_checked_at_once(http: TinyHTTP) -> None:
 
 async def test_turning_checks_off_makes_servers_usable_again() -> None:
     server = Server("127.0.0.1", closed_port())
-    checker = HealthChecker()
+    changes = Changes()
+    checker = HealthChecker(on_change=changes)
     checker.update(
         RoutingTable((), {"svc": Cluster("svc", [server], check=CheckSpec(interval=0.05))})
     )
     try:
-        await until(lambda: server.health is ServerStatus.ERR)
+        await changes.until(lambda: server.health is ServerStatus.ERR)
         off = Cluster("svc", [server], check=CheckSpec(type="none"))
         checker.update(RoutingTable((), {"svc": off}))
         assert server.status is ServerStatus.UNCHECKED

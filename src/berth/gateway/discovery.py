@@ -205,7 +205,7 @@ class Discovery:
         self.wait = wait or f"{config.discovery_wait:g}s"
         self.table = RoutingTable()
         self.ready = asyncio.Event()
-        self.health = HealthChecker()
+        self.health = HealthChecker(on_change=self._changed)
         self.default_check = CheckSpec(
             interval=config.health_interval,
             timeout=config.health_timeout,
@@ -286,8 +286,9 @@ class Discovery:
         await self.health.stop()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Wait until ``predicate()`` holds, re-checked after every table swap or
-        change of ``bad_keys``; False on timeout."""
+        """Wait until ``predicate()`` holds, re-checked after every table swap, change
+        of ``bad_keys``, health-check status change or loss of the store; False on
+        timeout."""
         try:
             async with asyncio.timeout(timeout), self._swapped:
                 await self._swapped.wait_for(predicate)
@@ -326,6 +327,8 @@ class Discovery:
                 wait = self.wait if index > 1 else FRESH_STORE_WAIT
                 returned, result = await query(index, wait)
             except (StoreError, httpx.HTTPError, ValueError) as exc:
+                if self.store_error is None:
+                    self._changed()
                 self.store_error = f"{what}: {exc}"
                 if what == "kv":
                     self._attempted.set()

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from berth.gateway.cluster import CheckSpec, Cluster, Server, ServerStatus
@@ -118,8 +119,12 @@ class _ClusterChecks:
 class HealthChecker:
     """Keeps one check loop per cluster in step with the current routing table."""
 
-    def __init__(self, max_concurrency: int = 64) -> None:
+    def __init__(
+        self, max_concurrency: int = 64, on_change: Callable[[], None] | None = None
+    ) -> None:
         self._sem = asyncio.Semaphore(max_concurrency)
+        # Called after a server's status changed (discovery wakes its waiters).
+        self._on_change = on_change
         self._clusters: dict[str, _ClusterChecks] = {}
         self._oneshots: set[asyncio.Task[None]] = set()
         self._stopped = False
@@ -195,6 +200,8 @@ class HealthChecker:
             if cluster.protected and cluster.servers and not cluster.has_available():
                 # checkups shows one server "unstable" when all fail: it still gets traffic.
                 cluster.least_bad()
+                if self._on_change is not None:
+                    self._on_change()
             await asyncio.sleep(state.cluster.check.interval)
 
     async def _check_one(self, cluster: Cluster, server: Server) -> None:
@@ -209,6 +216,8 @@ class HealthChecker:
         self.last_check_time = time.time()
         was = server.status
         if server.record_check(result.ok, result.msg, rise=spec.rise, fall=spec.fall):
+            if self._on_change is not None:
+                self._on_change()
             level = logging.INFO if server.health is ServerStatus.OK else logging.WARNING
             log.log(
                 level,
