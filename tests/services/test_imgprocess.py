@@ -255,6 +255,13 @@ async def test_colour_management(imgprocess: httpx.AsyncClient) -> None:
     assert image.get_typeof("icc-profile-data") == 0  # stripped: the pixels are sRGB now
     ignored = await image_of(imgprocess, encode(p3, ".png"), "/noicc/true")
     assert close(pixel(ignored, 5, 5), raw, 3)
+    # A damaged profile is ignored (as browsers do), not a failed request.
+    data = bytearray(jpeg(p3))
+    start = data.find(p3.get("icc-profile-data")[36:60])
+    for i in range(start + 100, start + 200):
+        data[i] ^= 0x5A
+    damaged = await image_of(imgprocess, bytes(data))
+    assert close(pixel(damaged, 5, 5), raw, 8)
 
 
 async def test_cmyk_jpeg_with_and_without_profile(imgprocess: httpx.AsyncClient) -> None:

@@ -55,8 +55,13 @@ def to_srgb(image: pyvips.Image, honour_icc: bool) -> pyvips.Image:
     """8-bit sRGB (plus alpha), with the embedded profile applied unless told not to."""
     has_icc = image.get_typeof("icc-profile-data") != 0
     if has_icc and honour_icc:
-        image = image.icc_transform("srgb", embedded=True, intent="perceptual")
-    elif image.interpretation == "cmyk":
+        try:
+            image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+        except pyvips.Error:
+            # A broken profile should not cost the user the image: browsers
+            # ignore it too, and show the numbers as sRGB.
+            pass
+    if image.interpretation == "cmyk":
         # No profile: libvips' built-in CMYK profile is a better guess than raw numbers.
         image = image.icc_transform("srgb", input_profile="cmyk", intent="perceptual")
     if image.interpretation != "srgb" or image.format != "uchar":
