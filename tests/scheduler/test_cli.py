@@ -115,6 +115,19 @@ def test_cli_against_real_server(url: str, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     (row,) = [line for line in r.stdout.splitlines() if line.strip().startswith("/cli")]
     assert "Running" in row and "2 of 2" in row and "2 healthy" in row
+    rss = row.split()[4]  # NAME CPU "64 MiB" then RSS: measured, so never zero
+    assert float(rss) > 1, row
+    assert "task limits enforced by: " in r.stdout
+
+    usage = httpx.get(url + "/api/scheduler/usage").json()
+    assert usage["limits"] in ("cgroup-v2", "cgroup-v1", "rlimit")
+    cli_tasks = [t for t in usage["tasks"] if t["appId"] == "/cli"]
+    assert len(cli_tasks) == 2
+    for task in cli_tasks:
+        assert task["pid"] > 0 and task["rssBytes"] > 1 << 20 and task["cpuSeconds"] >= 0
+        assert task["limits"] == usage["limits"]
+        if usage["limits"].startswith("cgroup"):
+            assert task["memoryLimitBytes"] == 64 << 20
 
     r = berth_cli("scale", "cli", "3", url=url)
     assert r.returncode == 0, r.stderr

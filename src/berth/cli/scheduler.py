@@ -413,25 +413,40 @@ def kill(client: MarathonClient, task_id: str, scale_down: bool) -> None:
 @click.command("status")
 @connection_options
 def status(client: MarathonClient) -> None:
-    """Apps as Marathon's UI shows them: status, running x of y, health."""
+    """Apps as Marathon's UI shows them, with the memory their tasks use now."""
     apps = client.get("/v2/apps", embed=["apps.counts", "apps.deployments"])["apps"]
     queue = {q["app"]["id"]: q for q in client.get("/v2/queue")["queue"]}
+    usage = client.get("/api/scheduler/usage")
+    rss: dict[str, int] = {}
+    for task in usage["tasks"]:
+        rss[task["appId"]] = rss.get(task["appId"], 0) + (task["rssBytes"] or 0)
+    if not apps:
+        click.echo("no apps (deploy one with `berth deploy app.json`)")
+        return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("NAME", "CPU", "MEMORY", "STATUS", "RUNNING", "HEALTH"):
+    for column in ("NAME", "CPU", "MEMORY", "RSS", "STATUS", "RUNNING", "HEALTH"):
         table.add_column(column)
     for app in apps:
         table.add_row(
             app["id"],
             f"{app.get('cpus', 0):g}",
             _mem(app.get("mem", 0)),
+            _mem(round(rss.get(app["id"], 0) / 2**20, 1)),
             ui_status(app, queue.get(app["id"])),
             f"{app.get('tasksRunning', 0)} of {app.get('instances', 0)}",
             health_summary(app),
         )
-    if not apps:
-        click.echo("no apps (deploy one with `berth deploy app.json`)")
-        return
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    console.print(f"task limits enforced by: {LIMITS_TEXT.get(usage['limits'], usage['limits'])}")
+
+
+LIMITS_TEXT = {
+    "cgroup-v2": "cgroup v2 (memory.max, cpu.max)",
+    "cgroup-v1": "cgroup v1 (memory.limit_in_bytes, cpu.cfs_quota_us)",
+    "rlimit": "rlimits (RLIMIT_AS from mem; no CPU quota: cgroups are not available here)",
+    "none": "nothing (limits are off)",
+}
 
 
 commands: list[click.Command] = [apps, deploy, scale, restart, tasks, kill, status]

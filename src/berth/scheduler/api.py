@@ -87,6 +87,7 @@ class SchedulerAPI(Protocol):
     ) -> Sequence[TaskView] | DeploymentView: ...
     async def cancel_deployment(self, deployment_id: str, force: bool) -> DeploymentView | None: ...
     async def reset_delay(self, app_id: str) -> None: ...
+    def usage(self) -> dict[str, Any]: ...
 
 
 class ApiError(Exception):
@@ -218,6 +219,9 @@ class MarathonAPI:
 
     async def ping(self, request: Request) -> Response:
         return PlainTextResponse("pong")
+
+    async def usage(self, request: Request) -> Response:
+        return JSONResponse(await asyncio.to_thread(self.scheduler.usage))
 
     async def info(self, request: Request) -> Response:
         server = request.scope.get("server") or ("127.0.0.1", 0)
@@ -529,6 +533,7 @@ def build_app(api: MarathonAPI) -> Starlette:
         route("/v2/queue", api.get_queue, ["GET"]),
         route("/v2/queue/{app_id:path}/delay", api.reset_delay, ["DELETE"]),
         Route("/v2/events", api.event_stream),
+        route("/api/scheduler/usage", api.usage, ["GET"]),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -544,14 +549,15 @@ def build_app(api: MarathonAPI) -> Starlette:
 
 
 class SchedulerComponent:
-    """The scheduler as a control-plane component: ``/v2/*`` and ``/ping``.
+    """The scheduler as a control-plane component: ``/v2/*``, ``/ping`` and
+    berth's own ``/api/scheduler/*``.
 
     ``start()`` must not wait for the store: with the embedded store the control
     plane only serves it after every component has started, so the core loads
     its state in the background.
     """
 
-    prefixes: tuple[str, ...] = ("/v2/", "/ping")
+    prefixes: tuple[str, ...] = ("/v2/", "/ping", "/api/scheduler/")
 
     def __init__(self, config: SchedulerConfig, store_url: str, token: str | None = None) -> None:
         from berth.scheduler.core import Scheduler

@@ -52,6 +52,7 @@ from berth.scheduler.state import (
     TaskState,
     now_iso,
 )
+from berth.scheduler.usage import task_usage
 from berth.store.client import Backoff, StoreClient
 from berth.store.errors import StoreError
 
@@ -296,6 +297,10 @@ class Scheduler:
     def app(self, app_id: str) -> AppDefinition | None:
         rt = self._apps.get(app_id)
         return None if rt is None or rt.deleting else rt.app
+
+    def usage(self) -> dict[str, Any]:
+        """Limits in force and current use per task; blocking, call it in a thread."""
+        return task_usage(self.tasks(), getattr(self.driver, "limiter", None))
 
     def tasks(self, app_id: str | None = None) -> list[Task]:
         if app_id is None:
