@@ -46,7 +46,7 @@ async def test_full_queue_is_503_with_retry_after(start_imgprocess: Callable[...
             started.set()
             release.wait(30)
 
-        blocker = asyncio.create_task(service.shell.work(hold))
+        blocker = asyncio.create_task(service.shell.pool.run(hold))
         await asyncio.to_thread(started.wait, 30)
         assert "running=1 queued=0" in repr(service.shell.pool)
         assert "closing=False" in repr(service)
@@ -91,6 +91,40 @@ async def test_pool_repr_and_close() -> None:
     pool.close()
     assert not pool.can_admit()
     assert repr(pool).startswith("<WorkPool closed")
+
+
+async def test_admission_is_held_until_the_job_really_ends() -> None:
+    pool = WorkPool(1, 0)
+    with pytest.raises(ValueError):
+        async with pool.admit():
+            assert repr(pool).startswith("<WorkPool open running=1")
+            raise ValueError("the body was bad")
+    assert pool.admitted == 0  # given back when the request failed before any job
+
+    release, started = threading.Event(), threading.Event()
+    place = pool.admit()
+
+    def job() -> None:
+        started.set()
+        release.wait(30)
+
+    async def request() -> None:
+        async with place:
+            await place.run(job)
+
+    task = asyncio.create_task(request())
+    await asyncio.to_thread(started.wait, 30)
+    assert repr(place) == "<Admission running>"
+    task.cancel()  # the client went away; the thread still runs
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool.admitted == 1 and not pool.can_admit()
+    release.set()
+    assert place._job is not None
+    await asyncio.wait({place._job})  # its done-callback (the release) ran first
+    assert pool.admitted == 0
+    assert repr(place) == "<Admission released>"
+    pool.close()
 
 
 def test_port_comes_from_flag_then_env(monkeypatch: pytest.MonkeyPatch) -> None:

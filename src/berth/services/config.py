@@ -49,7 +49,9 @@ class ServiceConfig(ComponentConfig):
     # Threads decoding images; more than the cores only adds contention.
     workers: int = Field(default_factory=_cores, ge=1, le=256)
     # Requests admitted beyond the running ones; above this the answer is 503.
-    limit_queue: int = Field(default=16, ge=0, le=10_000)
+    # Bodies are read only once admitted, so uploads held in memory are at most
+    # (workers + limit_queue) x limit_body_bytes.
+    limit_queue: int = Field(default=8, ge=0, le=10_000)
     limit_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     limit_width: int = Field(default=20_000, ge=1)
     limit_height: int = Field(default=20_000, ge=1)

@@ -73,8 +73,9 @@ class ImageInfoService:
             return describe(found, len(data)), found.format.upyun
 
     async def info(self, request: Request) -> Response:
-        upload = await read_upload(request, self.config.limit_body_bytes)
-        info, file_type = await self.shell.work(lambda: self._info(upload.data))
+        async with self.shell.admit() as place:
+            upload = await read_upload(request, self.config.limit_body_bytes)
+            info, file_type = await self.shell.work(place, lambda: self._info(upload.data))
         return JSONResponse(info, headers=upyun_headers(info, file_type))
 
     def app(self) -> Starlette:

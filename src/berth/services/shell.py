@@ -25,7 +25,7 @@ from berth.controlplane.server import bind
 from berth.services.config import ServiceConfig
 from berth.services.errors import Overloaded, ServiceError
 from berth.services.metrics import ServiceMetrics
-from berth.services.pool import WorkPool
+from berth.services.pool import Admission, WorkPool
 
 log = logging.getLogger("berth.services")
 
@@ -51,7 +51,11 @@ class ServiceShell:
     def __repr__(self) -> str:
         return f"<ServiceShell {self.name} closing={self.closing} pool={self.pool!r}>"
 
-    async def work(self, fn: Callable[[], T]) -> T:
+    def admit(self) -> Admission:
+        """A place in the pool, taken before the body is read (503 if there is none)."""
+        return self.pool.admit()
+
+    async def work(self, place: Admission, fn: Callable[[], T]) -> T:
         """Run ``fn`` on a worker thread, timing only the time it actually runs."""
 
         def timed() -> T:
@@ -61,7 +65,7 @@ class ServiceShell:
             finally:
                 self.metrics.processing.labels(self.name).observe(time.perf_counter() - started)
 
-        return await self.pool.run(timed)
+        return await place.run(timed)
 
     def endpoint(self, handler: Endpoint) -> Endpoint:
         """Wrap a handler so every outcome is JSON on error and counted in the metrics."""

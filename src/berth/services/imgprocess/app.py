@@ -17,6 +17,7 @@ from berth.services.errors import BadRequest, InvalidParameter
 from berth.services.imaging import init_vips, probe
 from berth.services.imgprocess import pipeline
 from berth.services.imgprocess.params import Plan, encode_b64, parse, parse_pairs
+from berth.services.pool import Admission
 from berth.services.shell import ServiceShell
 from berth.services.upload import read_upload
 
@@ -95,10 +96,10 @@ class ImgProcessService:
         image = pyvips.Image.new_from_buffer(data, "", fail_on="truncated")
         return pipeline.to_srgb(image, honour_icc=True)
 
-    async def _run(self, request: Request, data: bytes, plan: Plan) -> Response:
+    async def _run(self, request: Request, place: Admission, data: bytes, plan: Plan) -> Response:
         accept = request.headers.get("accept")
         out = await self.shell.work(
-            lambda: pipeline.process(data, plan, accept, self.config, self._load_watermark)
+            place, lambda: pipeline.process(data, plan, accept, self.config, self._load_watermark)
         )
         headers = {
             "x-upyun-width": str(out.width),
@@ -112,22 +113,25 @@ class ImgProcessService:
 
     async def process(self, request: Request) -> Response:
         plan = plan_from_request(request.url.path, request.headers.get(THUMB_HEADER))
-        upload = await read_upload(request, self.config.limit_body_bytes)
-        return await self._run(request, upload.data, plan)
+        async with self.shell.admit() as place:
+            upload = await read_upload(request, self.config.limit_body_bytes)
+            return await self._run(request, place, upload.data, plan)
 
     async def pipeline(self, request: Request) -> Response:
-        upload = await read_upload(request, self.config.limit_body_bytes)
-        raw = upload.fields.get("operations", request.headers.get(PIPELINE_HEADER))
-        if raw is None:
-            raise BadRequest(
-                f"send the operations as multipart field 'operations' or header {PIPELINE_HEADER}"
-            )
-        try:
-            operations = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidParameter("operations", f"is not valid JSON: {exc}") from None
-        plan = parse_pairs(pairs_from_json(operations))
-        return await self._run(request, upload.data, plan)
+        async with self.shell.admit() as place:
+            upload = await read_upload(request, self.config.limit_body_bytes)
+            raw = upload.fields.get("operations", request.headers.get(PIPELINE_HEADER))
+            if raw is None:
+                raise BadRequest(
+                    "send the operations as multipart field 'operations' "
+                    f"or header {PIPELINE_HEADER}"
+                )
+            try:
+                operations = json.loads(raw)
+            except ValueError as exc:
+                raise InvalidParameter("operations", f"is not valid JSON: {exc}") from None
+            plan = parse_pairs(pairs_from_json(operations))
+            return await self._run(request, place, upload.data, plan)
 
     def app(self) -> Starlette:
         return self.shell.app(
