@@ -387,3 +387,19 @@ async def test_bad_upstream_value_names_the_field(discovery: Discovery, store: S
         discovery,
         lambda: "servers[0].port" in discovery.bad_keys.get("berth/gateway/upstreams/x", ""),
     )
+
+
+async def test_default_check_follows_the_config(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    config = GatewayConfig(
+        data_dir=tmp_path, health_type="http", health_path="/health", health_rise=1
+    )
+    async with StoreClient("http://127.0.0.1:1") as client:
+        d = Discovery(client, config)
+        assert d.default_check == CheckSpec(type="http", path="/health", rise=1)
+        assert d.wait == "300s"
+    with pytest.raises(ValidationError):
+        GatewayConfig(health_path="health")
+    with pytest.raises(ValidationError):
+        GatewayConfig(health_type="udp")  # type: ignore[arg-type]

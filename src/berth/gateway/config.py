@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -21,6 +22,8 @@ class GatewayConfig(ComponentConfig):
     token: str | None = Field(None, min_length=8)
 
     # Active and passive health checks (defaults for clusters that set none).
+    health_type: Literal["tcp", "http", "none"] = "tcp"
+    health_path: str = Field("/", pattern=r"^/[!-~]*$")  # for http checks
     health_interval: float = Field(5.0, gt=0)
     health_timeout: float = Field(2.0, gt=0)
     health_rise: int = Field(2, ge=1)

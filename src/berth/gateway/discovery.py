@@ -207,6 +207,8 @@ class Discovery:
         self.ready = asyncio.Event()
         self.health = HealthChecker(on_change=self._changed)
         self.default_check = CheckSpec(
+            type=config.health_type,
+            path=config.health_path,
             interval=config.health_interval,
             timeout=config.health_timeout,
             rise=config.health_rise,
