@@ -109,6 +109,12 @@ def test_ejected_servers_are_skipped_by_pick() -> None:
     cluster = Cluster("c", [a, b])
     a.ejection = Ejection("op", "maintenance", time.time() + 60)
     assert {cluster.pick(RR, None) for _ in range(6)} == {b}
+    # Everything ejected: protect mode still serves, and says so.
+    b.ejection = Ejection("op", "maintenance", time.time() + 60)
+    chosen = cluster.pick(RR, None)
+    assert chosen is not None and chosen.status is ServerStatus.UNSTABLE
+    other = b if chosen is a else a
+    assert other.status is ServerStatus.EJECTED
 
 
 def test_on_request_start_end_counts_active() -> None:

@@ -109,10 +109,11 @@ class Server:
 
     @property
     def status(self) -> ServerStatus:
-        if self.ejection is not None and self.ejection.until > time.time():
-            return ServerStatus.EJECTED
+        # Unstable first: protect mode sends it traffic even if it is ejected.
         if self.unstable:
             return ServerStatus.UNSTABLE
+        if self.ejection is not None and self.ejection.until > time.time():
+            return ServerStatus.EJECTED
         return self.health
 
     def __repr__(self) -> str:
