@@ -141,6 +141,9 @@ def make_table() -> RoutingTable:
         ("imageinfo", "/", "imageinfo"),
         ("ImageInfo:3130", "/upload", "imageinfo"),
         ("x.prefix.test", "/only/this", "b"),
+        ("img.example.com", "http://img.example.com/api/v2/x", "c"),
+        ("img.example.com", "http://img.example.com", "a"),
+        ("img.example.com", "*", "a"),
     ],
 )
 def test_resolve(host: str, path: str, cluster: str) -> None:

@@ -257,6 +257,15 @@ def route_to_json(route: Route) -> dict[str, Any]:
 # -- the table ------------------------------------------------------------------------
 
 
+def _origin_path(target: str) -> str:
+    """The path of an absolute-form ("http://h/p") or asterisk-form ("*") request target."""
+    scheme = target.find("://")
+    if scheme > 0:
+        slash = target.find("/", scheme + 3)
+        return target[slash:] if slash >= 0 else "/"
+    return "/"
+
+
 def _by_prefix(routes: Iterable[Route]) -> tuple[Route, ...]:
     # Longest prefix first so the first match is the most specific one.
     return tuple(sorted(routes, key=lambda r: (-len(r.path_prefix), r.path_prefix)))
@@ -325,6 +334,8 @@ class RoutingTable:
 
     def find_route(self, host: str, path: str) -> Route | None:
         host = normalize_host(host)
+        if not path.startswith("/"):
+            path = _origin_path(path)
         query = path.find("?")
         if query >= 0:
             path = path[:query]
