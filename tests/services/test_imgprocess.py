@@ -299,6 +299,10 @@ async def test_metadata_stripped_unless_asked(imgprocess: httpx.AsyncClient) -> 
     assert stripped.get_typeof("exif-data") == 0
     kept = await image_of(imgprocess, data, "/exifswitch/true")
     assert "Berth" in kept.get("exif-ifd0-Make")
+    # Kept EXIF must not turn the already upright pixels a second time.
+    turned = await image_of(imgprocess, jpeg(stored_for_orientation(source, 6)), "/exifswitch/true")
+    assert turned.get("orientation") == 1 and (turned.width, turned.height) == (80, 60)
+    assert_quadrants(turned)
 
 
 async def test_progressive_and_quality(imgprocess: httpx.AsyncClient) -> None:
