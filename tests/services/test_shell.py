@@ -56,6 +56,7 @@ async def test_full_queue_is_503_with_retry_after(start_imgprocess: Callable[...
         assert response.json()["error"] == "overloaded"
         health = await client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "busy"
+        assert (await client.get("/live")).status_code == 200  # busy is not dead
         metrics = (await client.get("/metrics")).text
         assert 'berth_service_in_progress{service="imgprocess"} 1.0' in metrics
         release.set()

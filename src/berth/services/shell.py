@@ -103,6 +103,11 @@ class ServiceShell:
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    async def _live(self, request: Request) -> Response:
+        # Liveness apart from readiness: a saturated instance is not broken,
+        # and restarting it would only lose the work it holds.
+        return JSONResponse({"status": "alive", "service": self.name})
+
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -120,6 +125,7 @@ class ServiceShell:
         return Starlette(
             routes=[
                 Route("/health", self._health, methods=["GET", "HEAD"]),
+                Route("/live", self._live, methods=["GET", "HEAD"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
                 *routes,
             ],
