@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean $(addprefix bench-,$(BENCHES))
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python bench/store.py
+# `make bench` runs every benchmark; `make bench-store` (gateway,
+# gateway_control, scheduler, imaging) runs one. They install what they
+# compare against (wrk, nginx, thumbor) on first use.
+BENCHES := store gateway gateway_control scheduler imaging
+
+bench: $(addprefix bench-,$(BENCHES))
+
+bench-%: $(STAMP)
+	$(BIN)/python bench/$*.py
 
 clean:
 	rm -rf $(VENV) berth-data .pytest_cache .mypy_cache .ruff_cache

@@ -59,10 +59,12 @@ def builtin_app(name: str, instances: int) -> dict[str, Any]:
         "cpus": 1.0,
         "mem": 1024,
         "portDefinitions": [{"port": 0, "protocol": "tcp", "name": "http"}],
+        # Liveness, not readiness: /health answers 503 while the instance is
+        # saturated, and a busy instance must not be killed for being busy.
         "healthChecks": [
             {
                 "protocol": "HTTP",
-                "path": "/health",
+                "path": "/live",
                 "portIndex": 0,
                 "gracePeriodSeconds": 30,
                 "intervalSeconds": 2,
