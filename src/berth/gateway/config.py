@@ -50,7 +50,7 @@ class GatewayConfig(ComponentConfig):
     retry_buffer_bytes: int = Field(64 * 1024, ge=0)
 
     # Upstream keep-alive pool, per server and per worker.
-    upstream_keepalive: int = Field(32, ge=0)
+    upstream_keepalive: int = Field(128, ge=0)
     upstream_idle_timeout: float = Field(60.0, gt=0)
 
     shutdown_grace: float = Field(30.0, ge=0)

@@ -32,12 +32,19 @@ _REQUEST_REPLACED = HOP_BY_HOP | {
 }
 
 
+_NONE: frozenset[bytes] = frozenset()
+
+
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Lower-cased header names listed in Connection (they are hop-by-hop too)."""
-    tokens: set[bytes] = set()
+    tokens: set[bytes] | None = None
     for name, value in headers:
         if name.lower() == b"connection":
+            if tokens is None:
+                tokens = set()
             tokens.update(t.strip().lower() for t in value.split(b","))
+    if tokens is None:
+        return _NONE
     tokens.discard(b"")
     return frozenset(tokens)
 

@@ -209,7 +209,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._last_read = self._loop.time()
         self._sent = False
         self.transport.write(head)
-        self._timer = self._loop.call_later(min(read, send), self._check_timeouts)
+        # The timer outlives exchanges (re-armed only when it would fire too late):
+        # a new TimerHandle per request costs more than an early check.
+        due = self._last_read + min(read, send)
+        if self._timer is None or self._timer.when() > due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(due, self._check_timeouts)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and self.state is ConnState.ACTIVE:
@@ -247,10 +253,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
 
     def _complete(self) -> None:
-        self._cancel_timer()
         sink, self.sink = self.sink, None
         self.state = ConnState.IDLE
-        reusable = self.keep_alive and not self.upgraded
+        # A response that came before the whole request was sent (an early 413,
+        # say) leaves the server mid-request: that connection cannot be reused.
+        reusable = self.keep_alive and not self.upgraded and self._sent
         if sink is not None:
             sink.on_response_complete(self)
         if reusable and self.state is ConnState.IDLE:
@@ -270,8 +277,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
 
     def _check_timeouts(self) -> None:
-        # One timer per exchange, re-armed on expiry rather than on every read:
-        # rescheduling per chunk would cost more than the check.
+        # Re-armed on expiry rather than on every read: rescheduling per chunk
+        # would cost more than the check.
         self._timer = None
         if self.state is not ConnState.ACTIVE or self.upgraded:
             return
