@@ -158,8 +158,8 @@ class Exchange:
         self.tries = 0
         self.route_name = ""
         self.cluster_name = ""
-        self._head: asyncio.Future[int] | None = None
-        self._done: asyncio.Future[None] | None = None
+        # One future per attempt: the upstream status once the response is complete.
+        self._done: asyncio.Future[int] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -210,7 +210,6 @@ class Exchange:
     def attach(self, conn: UpstreamConnection, head: bytes, read: float, send: float) -> None:
         """Start one attempt on ``conn``: head, then the body buffered so far."""
         loop = self.client.loop
-        self._head = loop.create_future()
         self._done = loop.create_future()
         self.discarding = False
         self.conn = conn
@@ -242,7 +241,6 @@ class Exchange:
     def on_response_head(self, conn: UpstreamConnection) -> None:
         status = conn.status
         self.upstream_status = status
-        assert self._head is not None
         if self.retry_allowed and should_retry(
             error=False,
             status=status,
@@ -254,8 +252,6 @@ class Exchange:
             self.discarding = True
         else:
             self._start_response(conn)
-        if not self._head.done():
-            self._head.set_result(status)
 
     def _start_response(self, conn: UpstreamConnection) -> None:
         status = conn.status
@@ -312,17 +308,23 @@ class Exchange:
         if self.framing == "chunked" and not self.discarding:
             self.client.write(LAST_CHUNK)
         self.conn = None
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(UpstreamClosed("upstream ended without a response"))
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+        done = self._done
+        if done is not None and not done.done():
+            if self.upstream_status:
+                done.set_result(self.upstream_status)
+            else:
+                done.set_exception(UpstreamClosed("upstream ended without a response"))
 
     def on_upstream_error(self, conn: UpstreamConnection, exc: UpstreamError) -> None:
         self.conn = None
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(exc)
-        elif self._done is not None and not self._done.done():
+        if self._done is not None and not self._done.done():
             self._done.set_exception(exc)
+
+    def cork(self) -> None:
+        self.client.cork()
+
+    def uncork(self) -> None:
+        self.client.uncork()
 
     def pause_request_body(self) -> None:
         self.client.pause_reading("upstream")
@@ -332,21 +334,17 @@ class Exchange:
 
     def client_gone(self) -> None:
         exc = ClientGone("client closed the connection")
-        for fut in (self._head, self._done):
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: nobody may be awaiting it any more
+        fut = self._done
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: nobody may be awaiting it any more
         if self.conn is not None:
             self.conn.abort()
             self.conn = None
 
-    async def wait_head(self) -> int:
-        assert self._head is not None
-        return await self._head
-
-    async def wait_done(self) -> None:
+    def wait(self) -> asyncio.Future[int]:
         assert self._done is not None
-        await self._done
+        return self._done
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -365,6 +363,7 @@ class ClientProtocol(asyncio.Protocol):
         self.write_paused = False
         self._paused: set[str] = set()
         self._tunnel: Exchange | None = None
+        self._corked: list[bytes] | None = None
         self._failed = False
         # Request head being parsed.
         self._url = b""
@@ -587,8 +586,19 @@ class ClientProtocol(asyncio.Protocol):
             conn.abort()
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self._corked is not None:
+            self._corked.append(data)
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def cork(self) -> None:
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        pieces, self._corked = self._corked, None
+        if pieces and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(pieces)
 
     def pause_reading(self, reason: str) -> None:
         if not self._paused and self.transport is not None:
@@ -845,30 +855,31 @@ class ClientProtocol(asyncio.Protocol):
             if ex.error is not None:
                 raise _ClientBodyFailed(ex.error)
             ex.state = ExchangeState.UPSTREAM
-            conn = await self.ctx.pool.acquire(server.host, server.port, t.connect, fresh=fresh)
-            if self.transport is None or self.transport.is_closing():
-                self.ctx.pool.release(conn)
-                raise ClientGone("client closed the connection")
+            pool = self.ctx.pool
+            conn = None if fresh else pool.idle_connection(server.host, server.port)
+            if conn is None:
+                conn = await pool.connect(server.host, server.port, t.connect)
+                if self.transport is None or self.transport.is_closing():
+                    pool.release(conn)
+                    raise ClientGone("client closed the connection")
             ex.attach(conn, head, t.read, t.send)
             try:
-                status = await ex.wait_head()
+                return await ex.wait()
             except UpstreamClosed:
                 # A pooled connection the server had already closed: resend once
                 # on a new connection, which is not a failure of the server.
-                if conn.requests > 1 and not conn.received_any and ex.replayable and not fresh:
-                    ex.detach()
+                if (
+                    conn.requests > 1
+                    and not conn.received_any
+                    and not ex.response_started
+                    and ex.replayable
+                    and not fresh
+                ):
                     fresh = True
                     continue
-                ex.detach()
                 raise
-            except BaseException:
-                ex.detach()
-                raise
-            try:
-                await ex.wait_done()
             finally:
                 ex.detach()
-            return status
 
     def _hash_key(self, ex: Exchange, route: Route) -> bytes | None:
         if route.hash_on == "ip":

@@ -37,6 +37,8 @@ class ResponseSink(Protocol):
     def on_response_complete(self, conn: UpstreamConnection) -> None: ...
     def on_upstream_error(self, conn: UpstreamConnection, exc: UpstreamError) -> None: ...
     def on_upgraded_data(self, data: bytes) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
     def pause_request_body(self) -> None: ...
     def resume_request_body(self) -> None: ...
 
@@ -117,6 +119,11 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the server broke protocol; never reuse it.
             self.close()
             return
+        # Everything one read produces for the client (head, body, last chunk)
+        # goes out in one writev instead of a syscall per piece.
+        sink = self.sink
+        if sink is not None:
+            sink.cork()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -126,6 +133,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink.on_upgraded_data(rest)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"upstream {self.key} sent a bad response: {exc}"))
+        finally:
+            if sink is not None:
+                sink.uncork()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -319,15 +329,23 @@ class UpstreamPool:
             return len(self._idle.get(key, ()))
         return sum(len(q) for q in self._idle.values())
 
-    async def acquire(
-        self, host: str, port: int, connect_timeout: float, *, fresh: bool = False
-    ) -> UpstreamConnection:
-        key = f"{host}:{port}"
-        idle = None if fresh else self._idle.get(key)
+    def idle_connection(self, host: str, port: int) -> UpstreamConnection | None:
+        """The most recently used idle connection to this server, if any."""
+        idle = self._idle.get(f"{host}:{port}")
         while idle:
             conn = idle.pop()
             if conn.state is ConnState.IDLE:
                 return conn
+        return None
+
+    async def acquire(
+        self, host: str, port: int, connect_timeout: float, *, fresh: bool = False
+    ) -> UpstreamConnection:
+        conn = None if fresh else self.idle_connection(host, port)
+        return conn or await self.connect(host, port, connect_timeout)
+
+    async def connect(self, host: str, port: int, connect_timeout: float) -> UpstreamConnection:
+        key = f"{host}:{port}"
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
