@@ -198,3 +198,31 @@ async def test_client_header_timeout_408_and_idle_close(make_gateway, upstreams)
     assert status == 200
     assert await reader.read(-1) == b""
     writer.close()
+
+
+async def test_early_upstream_answer_is_relayed_and_its_connection_not_reused(
+    make_gateway,
+) -> None:
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            # Refuses at once, without reading the body it was sent.
+            writer.write(b"HTTP/1.1 413 Too Big\r\nContent-Length: 3\r\n\r\nbig")
+            await writer.drain()
+
+    up = await RawUpstream(early).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([Route("svc", "/", "c", tries=1)], {"c": [("127.0.0.1", up.port)]})
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"PUT / HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        status, _, body = await read_response(reader)
+        assert status == 413 and body == b"big"
+        assert await reader.read(-1) == b""  # the unread rest of the body: the client is closed
+        writer.close()
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            r = await client.put("/", content=b"small")
+            assert r.status_code == 413 and r.content == b"big"
+        assert up.connections == 2  # the half-sent connection was not pooled
+    finally:
+        await up.stop()
