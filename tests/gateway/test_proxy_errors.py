@@ -215,7 +215,8 @@ async def test_early_upstream_answer_is_relayed_and_its_connection_not_reused(
         gw = await make_gateway()
         gw.routes.set([Route("svc", "/", "c", tries=1)], {"c": [("127.0.0.1", up.port)]})
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(b"PUT / HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        writer.write(b"PUT / HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\n\r\n")
+        writer.write(b"x" * 1000)
         status, _, body = await read_response(reader)
         assert status == 413 and body == b"big"
         assert await reader.read(-1) == b""  # the unread rest of the body: the client is closed
