@@ -9,7 +9,7 @@ import socket
 import httpx
 
 from berth.gateway.routes import Route, Timeouts
-from tests.gateway.conftest import RawUpstream, read_response
+from tests.gateway.conftest import RawUpstream, eventually, read_response
 
 
 def _dead_port() -> int:
@@ -227,3 +227,31 @@ async def test_early_upstream_answer_is_relayed_and_its_connection_not_reused(
         assert up.connections == 2  # the half-sent connection was not pooled
     finally:
         await up.stop()
+
+
+async def test_client_body_timeout_408(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    gw = await make_gateway(client_body_timeout=0.3)
+    gw.routes.set([], {"svc": [("127.0.0.1", a.port)]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"PUT /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nab")
+    status, headers, body = await read_response(reader)
+    assert status == 408 and headers["connection"] == "close"
+    assert "body was not received in time" in json.loads(body)["error"]
+    assert await reader.read(-1) == b""
+    writer.close()
+
+
+async def test_client_that_stops_reading_is_cut_after_send_timeout(make_gateway, upstreams) -> None:
+    a = await upstreams("a")
+    gw = await make_gateway(client_send_timeout=0.5, buffer_high_water=65536)
+    gw.routes.set([], {"svc": [("127.0.0.1", a.port)]})
+    _, writer = await asyncio.open_connection("127.0.0.1", gw.port, limit=65536)
+    writer.write(b"GET /bytes/200000000 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    await a.app.arrived.wait()
+    ctx = gw.server.ctx
+    # Never read: the gateway gives up on this client instead of holding the
+    # upstream connection (and its buffers) forever.
+    await eventually(lambda: not ctx.connections)
+    assert ctx.pool.idle_count() == 0
+    writer.close()

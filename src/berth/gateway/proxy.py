@@ -445,7 +445,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self._write_paused_since = self.loop.time()
+        self._write_paused_since = now = self.loop.time()
+        self._timer_by(now + self.config.client_send_timeout)
         ex = self.current
         if ex is not None and ex.conn is not None:
             ex.conn.pause_reading()
@@ -464,9 +465,7 @@ class ClientProtocol(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._head_started = now = self.loop.time()
-        due = now + self.config.client_header_timeout
-        if self._timer is None or self._timer.when() > due:
-            self._arm_timer(due - now)
+        self._timer_by(now + self.config.client_header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -523,6 +522,8 @@ class ClientProtocol(asyncio.Protocol):
         if ex.url[:1] != b"/" and ex.url != b"*":
             self._absolute_form(ex)
         self.parsing = ex
+        if ex.chunked or ex.content_length:
+            self._timer_by(self._last_data + self.config.client_body_timeout)
         self._enqueue(ex)
 
     def on_body(self, body: bytes) -> None:
@@ -648,6 +649,11 @@ class ClientProtocol(asyncio.Protocol):
                 self.pause_reading("buffer")
 
     # -- timers -------------------------------------------------------------
+
+    def _timer_by(self, due: float) -> None:
+        """Make sure the connection's timer fires no later than ``due``."""
+        if self._timer is None or self._timer.when() > due:
+            self._arm_timer(due - self.loop.time())
 
     def _arm_timer(self, delay: float) -> None:
         if self._timer is not None:
@@ -940,8 +946,8 @@ class ClientProtocol(asyncio.Protocol):
             nxt = self.pipeline.popleft()
             self.resume_reading("pipeline")
             self._begin(nxt)
-        elif self._timer is None:
-            self._arm_timer(self.config.client_idle_timeout)
+        else:
+            self._timer_by(self._idle_since + self.config.client_idle_timeout)
 
     def _record(self, ex: Exchange) -> None:
         elapsed = time.monotonic() - ex.started
