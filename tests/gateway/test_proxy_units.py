@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from berth.gateway.exchange import should_retry
 from berth.gateway.headers import chunk, client_response_head, upstream_request_head
 from berth.gateway.metrics import Metrics
-from berth.gateway.proxy import should_retry
 
 
 def test_upstream_request_head_rewrites_hop_by_hop_and_forwarding() -> None:

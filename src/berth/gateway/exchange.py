@@ -1,0 +1,294 @@
+"""Per-request state of the proxy: one ``Exchange`` per request/response.
+
+The exchange is also the upstream connection's ``ResponseSink``: response
+callbacks land here and are written straight to the client's transport, so
+bodies never pass through a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from berth.gateway import limits as limits_mod
+from berth.gateway.errors import GatewayError, UpstreamClosed, UpstreamError
+from berth.gateway.headers import LAST_CHUNK, chunk, client_response_head
+from berth.gateway.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from berth.gateway.proxy import ClientProtocol
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class ClientGone(ConnectionError):
+    """The client closed its connection while its request was being served."""
+
+
+def should_retry(
+    *, error: bool, status: int, method: bytes, replayable: bool, response_started: bool
+) -> bool:
+    """nginx proxy_next_upstream semantics: never once the client has response bytes;
+    connect errors and 502/503/504 only when the request can be sent again, and
+    a request already (maybe) processed only when its method is idempotent."""
+    if response_started or not replayable:
+        return False
+    if error:
+        return True
+    return status in RETRY_STATUSES and method in IDEMPOTENT
+
+
+class ExchangeState(enum.Enum):
+    QUEUED = "queued"  # parsed, waiting behind an earlier pipelined request
+    ROUTING = "routing"
+    UPSTREAM = "upstream"  # talking to an upstream server
+    RESPONDING = "responding"  # response head sent to the client
+    DONE = "done"
+
+
+class Exchange:
+    """One request/response through the gateway."""
+
+    def __init__(
+        self, client: ClientProtocol, method: bytes, url: bytes, request_id: bytes
+    ) -> None:
+        self.client = client
+        self.method = method
+        self.url = url
+        self.request_id = request_id
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.chunked = False
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.user_agent = b""
+        self.error: GatewayError | None = None
+        self.state = ExchangeState.QUEUED
+        self.started = time.monotonic()
+        self.wall = time.time()
+        # Request body: received but not yet sent upstream, and a copy of what
+        # was sent to the current upstream (None once past the retry buffer).
+        self.body: deque[bytes] = deque()
+        self.buffered = 0
+        self.body_bytes = 0
+        self.body_complete = False
+        self.sent: list[bytes] | None = []
+        self.sent_bytes = 0
+        self.max_body: int | None = None
+        self.conn: UpstreamConnection | None = None
+        self.retry_allowed = False
+        self.discarding = False
+        self.framing = "length"
+        self.response_started = False
+        self.response_bytes = 0
+        self.status = 0
+        self.upstream_status = 0
+        self.upstream_addr = ""
+        self.upstream_time = 0.0
+        self.tries = 0
+        self.route_name = ""
+        self.cluster_name = ""
+        # One future per attempt: the upstream status once the response is complete.
+        self._done: asyncio.Future[int] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Exchange {self.method.decode()} {self.url[:60].decode(errors='replace')} "
+            f"{self.state.value} status={self.status} tries={self.tries}>"
+        )
+
+    @property
+    def head_only(self) -> bool:
+        return self.method == b"HEAD"
+
+    @property
+    def replayable(self) -> bool:
+        return self.sent is not None
+
+    # -- request body from the client --------------------------------------
+
+    def feed_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        if self.max_body is not None and self.body_bytes > self.max_body:
+            limits_mod.check_body_size(self.body_bytes, self.max_body)
+        if self.conn is not None and not self.discarding:
+            self._send_body(data)
+        elif self.state is not ExchangeState.DONE and not self.response_started:
+            self.body.append(data)
+            self.buffered += len(data)
+            if self.buffered > self.client.high_water:
+                self.client.pause_reading("buffer")
+        # Otherwise the response is already complete: the rest is discarded.
+
+    def body_done(self) -> None:
+        self.body_complete = True
+        if self.conn is not None and not self.discarding:
+            if self.chunked:
+                self.conn.write(LAST_CHUNK)
+            self.conn.request_sent()
+
+    def _send_body(self, data: bytes) -> None:
+        assert self.conn is not None
+        self.conn.write(chunk(data) if self.chunked else data)
+        if self.sent is not None:
+            self.sent_bytes += len(data)
+            if self.sent_bytes > self.client.ctx.config.retry_buffer_bytes:
+                self.sent = None
+            else:
+                self.sent.append(data)
+
+    def attach(self, conn: UpstreamConnection, head: bytes, read: float, send: float) -> None:
+        """Start one attempt on ``conn``: head, then the body buffered so far."""
+        loop = self.client.loop
+        self._done = loop.create_future()
+        self.discarding = False
+        self.conn = conn
+        if self.sent:
+            # A retry: what the previous upstream got is sent again first.
+            self.body.extendleft(reversed(self.sent))
+            self.buffered += self.sent_bytes
+        self.sent = []
+        self.sent_bytes = 0
+        conn.begin(self, head, head_only=self.head_only, read=read, send=send)
+        while self.body:
+            data = self.body.popleft()
+            self._send_body(data)
+        self.buffered = 0
+        self.client.resume_reading("buffer")
+        if self.body_complete:
+            if self.chunked:
+                conn.write(LAST_CHUNK)
+            conn.request_sent()
+        if self.client.write_paused:
+            conn.pause_reading()
+
+    def detach(self) -> None:
+        self.conn = None
+        self.client.resume_reading("upstream")
+
+    # -- ResponseSink: upstream callbacks ----------------------------------
+
+    def on_response_head(self, conn: UpstreamConnection) -> None:
+        status = conn.status
+        self.upstream_status = status
+        if self.retry_allowed and should_retry(
+            error=False,
+            status=status,
+            method=self.method,
+            replayable=self.replayable,
+            response_started=self.response_started,
+        ):
+            # Swallow this response; the retry loop tries the next server.
+            self.discarding = True
+        else:
+            self._start_response(conn)
+
+    def _start_response(self, conn: UpstreamConnection) -> None:
+        status = conn.status
+        client = self.client
+        upgrade: bytes | None = None
+        if status == 101 and self.upgrade is not None:
+            upgrade = self.upgrade
+            for name, value in conn.headers:
+                if name.lower() == b"upgrade":
+                    upgrade = value
+            framing = "none"
+        elif self.head_only or status in (204, 304):
+            framing = "none"
+        elif conn.content_length is not None:
+            framing = "length"
+        elif not self.http10:
+            framing = "chunked"
+        else:
+            framing = "close"
+        if (
+            framing == "close"
+            or client.closing
+            or client.ctx.draining
+            or (self.upgrade is not None and upgrade is None)
+        ):
+            self.keep_alive = False
+        self.framing = framing
+        self.status = status
+        self.state = ExchangeState.RESPONDING
+        self.response_started = True
+        client.write(
+            client_response_head(
+                status,
+                conn.reason,
+                conn.headers,
+                framing=framing,
+                keep_alive=self.keep_alive,
+                request_id=self.request_id,
+                upgrade=upgrade,
+            )
+        )
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        self.response_bytes += len(data)
+        self.client.write(chunk(data) if self.framing == "chunked" else data)
+
+    def on_upgraded_data(self, data: bytes) -> None:
+        self.response_bytes += len(data)
+        self.client.write(data)
+
+    def on_response_complete(self, conn: UpstreamConnection) -> None:
+        if self.framing == "chunked" and not self.discarding:
+            self.client.write(LAST_CHUNK)
+        self.conn = None
+        done = self._done
+        if done is not None and not done.done():
+            if self.upstream_status:
+                done.set_result(self.upstream_status)
+            else:
+                done.set_exception(UpstreamClosed("upstream ended without a response"))
+
+    def on_upstream_error(self, conn: UpstreamConnection, exc: UpstreamError) -> None:
+        self.conn = None
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(exc)
+
+    def cork(self) -> None:
+        self.client.cork()
+
+    def uncork(self) -> None:
+        self.client.uncork()
+
+    def pause_request_body(self) -> None:
+        self.client.pause_reading("upstream")
+
+    def resume_request_body(self) -> None:
+        self.client.resume_reading("upstream")
+
+    def client_gone(self) -> None:
+        exc = ClientGone("client closed the connection")
+        fut = self._done
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: nobody may be awaiting it any more
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+
+    def wait(self) -> asyncio.Future[int]:
+        assert self._done is not None
+        return self._done
+
+
+class ClientBodyFailed(UpstreamError):
+    """The attempt ended because the client's body was invalid, not the upstream."""
+
+    def __init__(self, cause: GatewayError) -> None:
+        super().__init__(cause.message)
+        self.status = cause.status
+        self.code = cause.code
+        self.cause = cause
