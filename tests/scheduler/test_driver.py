@@ -275,11 +275,31 @@ def test_task_log_rotates_by_size(tmp_path: Path) -> None:
     assert records(path)[-1]["log"] == "line 39\n"
 
 
+def _free_block(size: int) -> int:
+    """A run of free ports below the kernel's ephemeral range (32768+), where
+    port-0 binds of concurrent tests never land, and above the scheduler's
+    default task range (10000-20000)."""
+    for base in range(25000, 32000, size):
+        socks = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free block of ports")
+
+
 def test_ports_never_collide_and_skip_busy_ones() -> None:
+    port = _free_block(4)
     busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
+    busy.bind(("127.0.0.1", port))
     busy.listen()
-    port = busy.getsockname()[1]
     try:
         alloc = PortAllocator("127.0.0.1", port, port + 3)
         got = alloc.allocate(3)
