@@ -258,6 +258,9 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(rfd)
+            # SIGHUP means "restart the workers" to the supervisor; a HUP sent
+            # to the whole process group must not kill them.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             code = 0
             try:

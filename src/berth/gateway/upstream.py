@@ -338,12 +338,6 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def acquire(
-        self, host: str, port: int, connect_timeout: float, *, fresh: bool = False
-    ) -> UpstreamConnection:
-        conn = None if fresh else self.idle_connection(host, port)
-        return conn or await self.connect(host, port, connect_timeout)
-
     async def connect(self, host: str, port: int, connect_timeout: float) -> UpstreamConnection:
         key = f"{host}:{port}"
         loop = asyncio.get_running_loop()
