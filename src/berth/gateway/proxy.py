@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -47,7 +47,7 @@ from berth.gateway.exchange import (
 )
 from berth.gateway.headers import upstream_request_head
 from berth.gateway.metrics import METRICS, Metrics
-from berth.gateway.upstream import UpstreamPool
+from berth.gateway.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
     from berth.gateway.accesslog import AccessLog
@@ -91,6 +91,18 @@ class ProxyContext:
     def next_request_id(self) -> bytes:
         self._id_counter += 1
         return f"{self._id_prefix}{self._id_counter:012x}".encode()
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A first attempt started synchronously by the fast path."""
+
+    route: Route
+    cluster: Cluster
+    server: Server
+    head: bytes
+    conn: UpstreamConnection | None  # None: no idle connection, the coroutine connects
+    started: float
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -306,7 +318,67 @@ class ClientProtocol(asyncio.Protocol):
 
     def _begin(self, ex: Exchange) -> None:
         self.current = ex
-        self._task = self.loop.create_task(self._serve(ex))
+        if not self._start_fast(ex):
+            self._task = self.loop.create_task(self._serve(ex))
+
+    def _start_fast(self, ex: Exchange) -> bool:
+        """Start the first attempt right here when nothing needs a coroutine (no
+        limit but the body size, no 100-continue, no total timeout): most requests
+        then complete from callbacks alone, without a Task. Anything unusual about
+        the outcome hands the exchange to the coroutine path (``_serve``)."""
+        if ex.error is not None or ex.expect_continue or ex.upgrade is not None:
+            return False
+        resolved = self.ctx.routes.table.resolve(
+            ex.host.decode("latin-1"), ex.url.decode("latin-1")
+        )
+        if resolved is None:
+            return False
+        route, cluster = resolved
+        lim = route.limits
+        if lim.rate is not None or lim.max_concurrent is not None:
+            return False
+        if route.timeouts.total is not None:
+            return False
+        max_body = lim.max_body_size
+        if max_body is not None and max(ex.content_length or 0, ex.body_bytes) > max_body:
+            return False
+        hash_key = self._hash_key(ex, route) if route.lb == "hash" else None
+        server = cluster.pick(route, hash_key, ())
+        if server is None:
+            return False
+        ex.route_name = route.name
+        ex.cluster_name = cluster.name
+        ex.max_body = max_body
+        ex.tries = 1
+        ex.upstream_addr = server.address
+        ex.retry_allowed = self._more_tries(route, cluster, 1, None)
+        cluster.on_request_start(server)
+        pool = self.ctx.pool
+        conn = pool.idle_connection(server.host, server.port)
+        flight = _InFlight(route, cluster, server, self._request_head(ex), conn, self.loop.time())
+        if conn is None:
+            self._task = self.loop.create_task(self._serve(ex, flight))
+            return True
+        ex.state = ExchangeState.UPSTREAM
+        t = route.timeouts
+        ex.attach(conn, flight.head, t.read, t.send)
+        ex.wait().add_done_callback(lambda fut: self._fast_done(ex, flight, fut))
+        return True
+
+    def _fast_done(self, ex: Exchange, flight: _InFlight, fut: asyncio.Future[int]) -> None:
+        if fut.cancelled() or fut.exception() is not None or ex.discarding:
+            # A retry, an error response or a resend: the coroutine path decides.
+            self._task = self.loop.create_task(self._serve(ex, flight))
+            return
+        status = fut.result()
+        ex.detach()
+        ex.upstream_time += self.loop.time() - flight.started
+        ok = status not in RETRY_STATUSES
+        flight.cluster.on_request_end(
+            flight.server, ok, None if ok else f"upstream answered {status}"
+        )
+        self.ctx.metrics.observe_try(flight.cluster.name, "ok" if ok else str(status))
+        self._finish(ex)
 
     def _fail(self, error: GatewayError) -> None:
         """The byte stream cannot be parsed any further: answer in order, then close."""
@@ -456,9 +528,12 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- serving one exchange ----------------------------------------------
 
-    async def _serve(self, ex: Exchange) -> None:
+    async def _serve(self, ex: Exchange, flight: _InFlight | None = None) -> None:
         try:
-            await self._respond(ex)
+            if flight is None:
+                await self._respond(ex)
+            else:
+                await self._guarded(ex, self._attempts(ex, flight.route, flight.cluster, flight))
         except Exception:  # the gateway never crashes on one request
             log.exception("request %s failed", ex.request_id.decode())
             if not ex.response_started:
@@ -499,7 +574,21 @@ class ClientProtocol(asyncio.Protocol):
                 acquired = True
             if ex.expect_continue and not ex.body_complete and not ex.body_bytes:
                 self.write(CONTINUE)
-            await self._proxy(ex, route, cluster)
+        except GatewayError as exc:
+            self._send_error(ex, exc)
+            if acquired:
+                ctx.concurrency.release(route.name)
+            return
+        try:
+            await self._guarded(ex, self._proxy(ex, route, cluster))
+        finally:
+            if acquired:
+                ctx.concurrency.release(route.name)
+
+    async def _guarded(self, ex: Exchange, attempts: Coroutine[Any, Any, None]) -> None:
+        """Run the attempts; a failure becomes the client's error response."""
+        try:
+            await attempts
         except GatewayError as exc:
             if not ex.response_started:
                 self._send_error(ex, exc)
@@ -507,9 +596,6 @@ class ClientProtocol(asyncio.Protocol):
                 self._abort_current()
         except ClientGone:
             ex.status = ex.status or CLIENT_CLOSED
-        finally:
-            if acquired:
-                ctx.concurrency.release(route.name)
 
     async def _proxy(self, ex: Exchange, route: Route, cluster: Cluster) -> None:
         timeouts = route.timeouts
@@ -527,13 +613,11 @@ class ClientProtocol(asyncio.Protocol):
                 f"request took over the route's total timeout of {timeouts.total:g}s"
             ) from None
 
-    async def _attempts(self, ex: Exchange, route: Route, cluster: Cluster) -> None:
-        ctx = self.ctx
-        hash_key = self._hash_key(ex, route) if route.lb == "hash" else None
+    def _request_head(self, ex: Exchange) -> bytes:
         body_kind = (
             "chunked" if ex.chunked else str(ex.content_length) if ex.content_length else "none"
         )
-        head = upstream_request_head(
+        return upstream_request_head(
             ex.method,
             ex.url,
             ex.headers,
@@ -543,30 +627,51 @@ class ClientProtocol(asyncio.Protocol):
             body=body_kind,
             upgrade=ex.upgrade,
         )
-        budget = self.loop.time() + route.try_timeout if route.try_timeout > 0 else None
+
+    @staticmethod
+    def _more_tries(route: Route, cluster: Cluster, tried: int, budget: float | None) -> bool:
+        # Another attempt needs another server: with none left, the last
+        # answer goes to the client as it is (as nginx does).
+        return (
+            tried < route.tries
+            and tried < len(cluster.servers)
+            and (budget is None or asyncio.get_running_loop().time() < budget)
+        )
+
+    async def _attempts(
+        self, ex: Exchange, route: Route, cluster: Cluster, flight: _InFlight | None = None
+    ) -> None:
+        ctx = self.ctx
+        hash_key = self._hash_key(ex, route) if route.lb == "hash" else None
+        head = flight.head if flight is not None else self._request_head(ex)
+        start = flight.started if flight is not None else self.loop.time()
+        budget = start + route.try_timeout if route.try_timeout > 0 else None
         tried: list[Server] = []
         last: GatewayError | None = None
         while len(tried) < route.tries:
-            server = cluster.pick(route, hash_key, tried)
-            if server is None:
-                break
-            tried.append(server)
-            ex.tries += 1
-            ex.upstream_addr = server.address
-            # Another attempt needs another server: with none left, the last
-            # answer goes to the client as it is (as nginx does).
-            more = (
-                len(tried) < route.tries
-                and len(tried) < len(cluster.servers)
-                and (budget is None or self.loop.time() < budget)
-            )
-            ex.retry_allowed = more
-            cluster.on_request_start(server)
+            attached: UpstreamConnection | None = None
+            server: Server | None
+            if flight is not None:
+                # The first attempt was started by _start_fast: pick it up as it is.
+                server, attached, started = flight.server, flight.conn, flight.started
+                tried.append(server)
+                more = ex.retry_allowed
+                flight = None
+            else:
+                server = cluster.pick(route, hash_key, tried)
+                if server is None:
+                    break
+                tried.append(server)
+                ex.tries += 1
+                ex.upstream_addr = server.address
+                more = self._more_tries(route, cluster, len(tried), budget)
+                ex.retry_allowed = more
+                cluster.on_request_start(server)
+                started = self.loop.time()
             # Not the server's fault unless shown otherwise (client gone, cancelled).
             ok, error = True, None
-            started = self.loop.time()
             try:
-                status = await self._try(ex, route, server, head)
+                status = await self._try(ex, route, server, head, attached)
                 ok = status not in RETRY_STATUSES
                 error = None if ok else f"upstream answered {status}"
                 if not ex.discarding:
@@ -599,22 +704,34 @@ class ClientProtocol(asyncio.Protocol):
             raise NoServer(f"cluster {cluster.name!r} has no server to take the request")
         raise last
 
-    async def _try(self, ex: Exchange, route: Route, server: Server, head: bytes) -> int:
-        """One attempt; returns the upstream status once the response is complete."""
+    async def _try(
+        self,
+        ex: Exchange,
+        route: Route,
+        server: Server,
+        head: bytes,
+        attached: UpstreamConnection | None = None,
+    ) -> int:
+        """One attempt; returns the upstream status once the response is complete.
+        ``attached``: the attempt is already under way on that connection."""
         t = route.timeouts
         fresh = False
+        conn: UpstreamConnection | None
         while True:
-            if ex.error is not None:
-                raise ClientBodyFailed(ex.error)
-            ex.state = ExchangeState.UPSTREAM
-            pool = self.ctx.pool
-            conn = None if fresh else pool.idle_connection(server.host, server.port)
-            if conn is None:
-                conn = await pool.connect(server.host, server.port, t.connect)
-                if self.transport is None or self.transport.is_closing():
-                    pool.release(conn)
-                    raise ClientGone("client closed the connection")
-            ex.attach(conn, head, t.read, t.send)
+            if attached is not None:
+                conn, attached = attached, None
+            else:
+                if ex.error is not None:
+                    raise ClientBodyFailed(ex.error)
+                ex.state = ExchangeState.UPSTREAM
+                pool = self.ctx.pool
+                conn = None if fresh else pool.idle_connection(server.host, server.port)
+                if conn is None:
+                    conn = await pool.connect(server.host, server.port, t.connect)
+                    if self.transport is None or self.transport.is_closing():
+                        pool.release(conn)
+                        raise ClientGone("client closed the connection")
+                ex.attach(conn, head, t.read, t.send)
             try:
                 return await ex.wait()
             except UpstreamClosed:
