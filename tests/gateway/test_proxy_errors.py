@@ -255,3 +255,28 @@ async def test_client_that_stops_reading_is_cut_after_send_timeout(make_gateway,
     await eventually(lambda: not ctx.connections)
     assert ctx.pool.idle_count() == 0
     writer.close()
+
+
+async def test_try_timeout_budget_stops_retries(make_gateway) -> None:
+    async def slow_502(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)
+        writer.write(b"HTTP/1.1 502 Bad\r\nContent-Length: 3\r\n\r\nbad")
+        await writer.drain()
+
+    ups = [await RawUpstream(slow_502).start() for _ in range(3)]
+    try:
+        gw = await make_gateway()
+        gw.routes.set(
+            [Route("svc", "/", "c", tries=3, try_timeout=0.2)],
+            {"c": [("127.0.0.1", up.port) for up in ups]},
+        )
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            r = await client.get("/")
+        # The first answer came after the 0.2 s budget: one retry started before it
+        # ran out, none after; the last answer is passed through.
+        assert r.status_code == 502 and r.content == b"bad"
+        assert sum(up.connections for up in ups) == 2
+    finally:
+        for up in ups:
+            await up.stop()
