@@ -1,0 +1,1 @@
+"""The processing services berth runs: imageinfo and imgprocess (libvips)."""
