@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+import uvloop
 
 from berth.gateway.cluster import Cluster, Server
 from berth.gateway.config import GatewayConfig
@@ -249,6 +250,28 @@ class Gateway:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
+
+
+# DATA's tests run on uvloop, as the gateway does in production (uvloop's
+# transports differ from asyncio's in ways that matter to a proxy).
+_UVLOOP_TESTS = {
+    "test_proxy.py",
+    "test_proxy_streaming.py",
+    "test_proxy_errors.py",
+    "test_proxy_units.py",
+    "test_limits.py",
+    "test_accesslog.py",
+    "test_hostile.py",
+    "test_server.py",
+}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in _UVLOOP_TESTS:
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

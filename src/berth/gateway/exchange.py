@@ -71,7 +71,7 @@ class Exchange:
         self.user_agent = b""
         self.error: GatewayError | None = None
         self.state = ExchangeState.QUEUED
-        self.started = time.monotonic()
+        self.started = client.loop.time()  # the clock upstream_time is measured on
         self.wall = time.time()
         # Request body: received but not yet sent upstream, and a copy of what
         # was sent to the current upstream (None once past the retry buffer).

@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -436,12 +435,16 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.close()
 
     def shutdown(self) -> None:
-        """Draining (ctx.draining is set): idle connections close now, busy ones
-        after their current response, which carries Connection: close."""
+        """Draining (ctx.draining is set): busy connections close after their
+        current response, which carries Connection: close. Idle ones stay open
+        until ``close_if_idle``: closing a keep-alive connection races a request
+        the client may already have sent on it, which would be lost."""
+        if self.current is not None or self.parsing is not None:
+            self.pause_reading("drain")
+
+    def close_if_idle(self) -> None:
         if self.current is None and self.parsing is None:
             self.close()
-        else:
-            self.pause_reading("drain")
 
     # -- upgrade tunnel -----------------------------------------------------
 
@@ -813,7 +816,7 @@ class ClientProtocol(asyncio.Protocol):
             self._timer_by(self._idle_since + self.config.client_idle_timeout)
 
     def _record(self, ex: Exchange) -> None:
-        elapsed = time.monotonic() - ex.started
+        elapsed = self.loop.time() - ex.started
         route = ex.route_name or "-"
         self.ctx.metrics.observe_request(
             route, ex.status, elapsed, ex.body_bytes, ex.response_bytes

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("berth.gateway")
 
 BACKLOG = 4096
+# How long idle keep-alive connections stay open once draining starts.
+IDLE_DRAIN = 1.0
 
 
 class PortInUseError(OSError):
@@ -168,6 +170,11 @@ class GatewayServer:
         if self.state is ServerState.DRAINING:
             self._drained.set()
 
+    async def _wait_drained(self, timeout: float) -> None:
+        if self.ctx is not None and self.ctx.connections and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout)
+
     def request_exit(self) -> None:
         self._exit.set()
 
@@ -187,9 +194,15 @@ class GatewayServer:
             ctx.draining = True
             for conn in list(ctx.connections):
                 conn.shutdown()
-            if ctx.connections:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._drained.wait(), self.config.shutdown_grace)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.shutdown_grace
+            # Idle keep-alive connections first get a moment to carry one more
+            # request (answered with Connection: close), so a request already on
+            # the wire is served instead of meeting a closed connection.
+            await self._wait_drained(min(IDLE_DRAIN, self.config.shutdown_grace))
+            for conn in list(ctx.connections):
+                conn.close_if_idle()
+            await self._wait_drained(deadline - loop.time())
             left = list(ctx.connections)
             if left:
                 log.warning("grace period over: aborting %d connections", len(left))
