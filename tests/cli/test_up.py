@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 UP_LINE = re.compile(r"gateway\s+(http://127\.0\.0\.1:\d+)")
 CONTROL_LINE = re.compile(r"control plane\s+(http://127\.0\.0\.1:\d+)")
+ADMIN_LINE = re.compile(r"gateway admin\s+(http://127\.0\.0\.1:\d+)/status")
 
 
 class Up:
@@ -49,6 +50,7 @@ class Up:
         self.lines: list[str] = []
         self.gateway: str | None = None
         self.control: str | None = None
+        self.admin: str | None = None
         self.ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -59,6 +61,8 @@ class Up:
             self.lines.append(line.rstrip())
             if (m := CONTROL_LINE.search(line)) and self.control is None:
                 self.control = m.group(1)
+            if (m := ADMIN_LINE.search(line)) and self.admin is None:
+                self.admin = m.group(1)
             if (m := UP_LINE.search(line)) and self.gateway is None:
                 self.gateway = m.group(1)
                 self.ready.set()
@@ -127,6 +131,11 @@ def test_up_serves_both_builtin_services_and_stops_clean(platform: Up) -> None:
     apps = httpx.get(platform.control + "/v2/apps").json()["apps"]
     assert sorted(a["id"] for a in apps) == ["/imageinfo", "/imgprocess"]
     assert all(a["tasksHealthy"] == 2 for a in apps), json.dumps(apps)
+
+    assert platform.admin is not None, platform.output()
+    status = httpx.get(platform.admin + "/status").json()
+    servers = [s for level in status["cls:imageinfo"] for s in level]
+    assert len(servers) == 2 and all(s["status"] == "ok" for s in servers), status
 
     assert platform.stop() == 0, platform.output()
     deadline = time.monotonic() + 10

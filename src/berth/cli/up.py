@@ -34,6 +34,7 @@ from berth.controlplane.server import PortInUseError, bind
 log = logging.getLogger("berth.up")
 
 LISTENING = re.compile(r"listening on (http://[\w.\[\]:]+)")
+ADMIN = re.compile(r"admin API on (http://[\w.\[\]:]+)")
 BUILTIN_APPS = ("imageinfo", "imgprocess")
 
 
@@ -85,6 +86,7 @@ class Child:
     args: Sequence[str]
     proc: asyncio.subprocess.Process | None = None
     url: str | None = None
+    admin_url: str | None = None
     listening: asyncio.Event = field(default_factory=asyncio.Event)
     lines: list[str] = field(default_factory=list)
     _pump: asyncio.Task[None] | None = None
@@ -114,8 +116,9 @@ class Child:
             line = raw.decode(errors="replace").rstrip()
             self.lines = [*self.lines[-199:], line]
             sys.stderr.write(f"[{self.name}] {line}\n")
-            # The gateway also announces its admin API; the data port is the one we want.
-            if self.url is None and "admin" not in line and (m := LISTENING.search(line)):
+            if self.admin_url is None and (m := ADMIN.search(line)):
+                self.admin_url = m.group(1)
+            elif self.url is None and (m := LISTENING.search(line)):
                 self.url = m.group(1)
                 self.listening.set()
         self.listening.set()
@@ -203,7 +206,6 @@ class Platform:
         )
         self.gateway = Child("gateway", [])
         self.gateway_url: str | None = None
-        self.admin_url: str | None = None
 
     def __repr__(self) -> str:
         return f"<Platform control={self.control!r} gateway={self.gateway!r}>"
@@ -362,7 +364,7 @@ def _announce(platform: Platform, elapsed: float) -> None:
 berth is up in {elapsed:.1f}s (data in {cfg.data_dir})
   gateway        http://127.0.0.1:{port}   (route by Host: imageinfo, imgprocess)
   control plane  {platform.control.url}   (/v1 Consul API, /v2 Marathon API)
-  gateway admin  http://127.0.0.1:{cfg.admin_port if cfg.admin_port else "?"}/status
+  gateway admin  {platform.gateway.admin_url or "(not started)"}/status
 
 try:
   curl -T {sample} http://127.0.0.1:{port}/ -H "Host: imageinfo"
