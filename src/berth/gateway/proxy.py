@@ -491,12 +491,13 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.current
         if self._in_head:
             due = self._head_started + cfg.client_header_timeout
-            if now >= due:
-                if self.current is None:
-                    self._fail(RequestTimeout("request headers were not received in time"))
-                else:
-                    self.close()
+            if now >= due and self.current is None:
+                self._fail(RequestTimeout("request headers were not received in time"))
                 return
+            if now >= due:
+                # A pipelined request behind one still being answered: the 408
+                # waits its turn (the connection closes after it).
+                due = now + cfg.client_header_timeout
         elif ex is None and self.parsing is None:
             due = max(self._last_data, self._idle_since) + cfg.client_idle_timeout
             if now >= due:
