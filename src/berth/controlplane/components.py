@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from berth.config import load
 from berth.controlplane.component import Component
 from berth.controlplane.config import ControlPlaneConfig
 
@@ -20,6 +21,8 @@ def build_components(config: ControlPlaneConfig, self_url: str) -> list[Componen
     from berth.scheduler.api import SchedulerComponent
     from berth.scheduler.config import SchedulerConfig
 
-    scheduler_config = SchedulerConfig.model_validate({"data_dir": config.data_dir / "scheduler"})
+    scheduler_config = load(
+        SchedulerConfig, "scheduler", {"data_dir": config.data_dir / "scheduler"}
+    )
     components.append(SchedulerComponent(scheduler_config, store_url, config.token))
     return components

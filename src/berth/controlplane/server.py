@@ -86,7 +86,5 @@ class ControlPlaneServer:
         # 10 minutes) answer them now, so uvicorn's drain does not wait out its
         # graceful timeout and cancel them.
         for component in self.app.components:
-            drain = getattr(component, "drain", None)
-            if drain is not None:
-                drain()
+            component.drain()
         self._server.should_exit = True

@@ -575,8 +575,12 @@ class SchedulerComponent:
     async def start(self) -> None:
         await self.scheduler.start()
 
+    def drain(self) -> None:
+        # Open SSE connections would hold the HTTP server's drain until its
+        # graceful timeout; end them while the server still serves.
+        self.events.close()
+
     async def stop(self) -> None:
-        # End the event streams first so open SSE connections do not hold the shutdown.
         self.events.close()
         try:
             await self.scheduler.stop()
