@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,16 @@ def test_json_log_format(tmp_path: Path) -> None:
     assert listening and listening[0]["level"] == "info"
     assert listening[0]["logger"] == "berth.controlplane"
     assert listening[0]["time"].endswith("Z")
+
+
+def test_component_sections_reach_components_inside_the_control_plane(tmp_path: Path) -> None:
+    toml = tmp_path / "berth.toml"
+    toml.write_text('[scheduler]\nlimits = "sometimes"\n')
+    result = berth("--config", str(toml), "server", "--port", "0", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "limits = 'sometimes' (from berth.toml [scheduler])" in result.stderr
+
+    env = {**os.environ, "BERTH_SCHEDULER_PORT_RANGE_MIN": "80"}
+    result = berth("server", "--port", "0", "--data-dir", str(tmp_path), env=env)
+    assert result.returncode == 2
+    assert "BERTH_SCHEDULER_PORT_RANGE_MIN = '80'" in result.stderr
