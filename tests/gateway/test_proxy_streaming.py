@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from berth.gateway.routes import Route
-from tests.gateway.conftest import read_response
+from tests.gateway.conftest import RawUpstream, read_response
 
 
 async def _gw(make_gateway, upstreams, **config):
@@ -162,3 +162,36 @@ async def test_websocket_passthrough(make_gateway, upstreams) -> None:
         assert await ws.recv() == "a:hi"
         await ws.send(b"\x00\x01" * 50000)
         assert await ws.recv() == b"\x00\x01" * 50000
+
+
+async def test_declined_upgrade_smuggles_nothing_to_the_upstream(make_gateway) -> None:
+    # Bytes after an upgrade request belong to the new protocol only if the
+    # upstream switches; if it answers 200 they would be parsed as a second
+    # request on a pooled connection (request smuggling, response desync).
+    paths: list[bytes] = []
+
+    async def declines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            path = (await reader.readuntil(b"\r\n\r\n")).split(b" ")[1]
+            paths.append(path)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+            await writer.drain()
+
+    up = await RawUpstream(declines).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([Route("svc", "/", "c", tries=1)], {"c": [("127.0.0.1", up.port)]})
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"GET /smuggled HTTP/1.1\r\nHost: svc\r\n\r\n"
+        )
+        status, headers, body = await read_response(reader)
+        assert (status, body) == (200, b"/ws") and headers["connection"] == "close"
+        writer.close()
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            for path in ("/a", "/b"):
+                assert (await client.get(path)).content == path.encode()
+        assert paths == [b"/ws", b"/a", b"/b"]
+    finally:
+        await up.stop()

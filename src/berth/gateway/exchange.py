@@ -76,6 +76,7 @@ class Exchange:
         # Request body: received but not yet sent upstream, and a copy of what
         # was sent to the current upstream (None once past the retry buffer).
         self.body: deque[bytes] = deque()
+        self.tunnel: list[bytes] = []  # client bytes after an upgrade request, held until 101
         self.buffered = 0
         self.body_bytes = 0
         self.body_complete = False
@@ -200,6 +201,11 @@ class Exchange:
                 if name.lower() == b"upgrade":
                     upgrade = value
             framing = "none"
+            for data in self.tunnel:
+                conn.write(data)
+            self.tunnel.clear()
+            self.buffered = 0
+            client.resume_reading("buffer")
         elif self.head_only or status in (204, 304):
             framing = "none"
         elif conn.content_length is not None:

@@ -461,10 +461,14 @@ class ClientProtocol(asyncio.Protocol):
     def _feed_tunnel(self, ex: Exchange, data: bytes) -> None:
         ex.body_bytes += len(data)
         conn = ex.conn
-        if conn is not None:
+        if conn is not None and conn.upgraded:
             conn.write(data)
         elif not ex.response_started:
-            ex.body.append(data)
+            # Until the upstream answers 101 these bytes are not HTTP the gateway
+            # has checked: sent now, a declined upgrade would have the upstream
+            # read them as further requests on a connection that goes back to
+            # the pool (request smuggling). Exchange.switched sends them.
+            ex.tunnel.append(data)
             ex.buffered += len(data)
             if ex.buffered > self.high_water:
                 self.pause_reading("buffer")
