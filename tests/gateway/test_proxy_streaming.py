@@ -195,3 +195,11 @@ async def test_declined_upgrade_smuggles_nothing_to_the_upstream(make_gateway) -
         assert paths == [b"/ws", b"/a", b"/b"]
     finally:
         await up.stop()
+
+
+async def test_post_with_empty_body_keeps_content_length(make_gateway, upstreams) -> None:
+    # Many servers answer 411 to a POST without framing headers.
+    gw, _ = await _gw(make_gateway, upstreams)
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+        r = await client.post("/p", content=b"")
+    assert r.status_code == 200 and r.json()["headers"].get("content-length") == "0"

@@ -622,9 +622,13 @@ class ClientProtocol(asyncio.Protocol):
             ) from None
 
     def _request_head(self, ex: Exchange) -> bytes:
-        body_kind = (
-            "chunked" if ex.chunked else str(ex.content_length) if ex.content_length else "none"
-        )
+        if ex.chunked:
+            body_kind = "chunked"
+        elif ex.content_length is not None:
+            # "Content-Length: 0" too: servers may answer 411 to a POST without it.
+            body_kind = str(ex.content_length)
+        else:
+            body_kind = "none"
         return upstream_request_head(
             ex.method,
             ex.url,
