@@ -280,3 +280,32 @@ async def test_try_timeout_budget_stops_retries(make_gateway) -> None:
     finally:
         for up in ups:
             await up.stop()
+
+
+async def test_post_sent_then_timed_out_is_not_resent_to_another_server(make_gateway) -> None:
+    # nginx does not pass a non-idempotent request to the next server once it
+    # was sent: the first server may be acting on it, and a resend doubles it.
+    received: list[bytes] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append((await reader.readuntil(b"\r\n\r\n")).split(b" ")[0])
+        await reader.read()  # never answers
+
+    ups = [await RawUpstream(swallow).start() for _ in range(2)]
+    try:
+        gw = await make_gateway()
+        gw.routes.set(
+            [Route("svc", "/", "c", tries=2, timeouts=Timeouts(read=0.2))],
+            {"c": [("127.0.0.1", up.port) for up in ups]},
+        )
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            r = await client.post("/", content=b"pay once")
+            assert r.status_code == 504
+            assert received == [b"POST"]
+            # An idempotent request is still tried on the next server.
+            r = await client.get("/")
+            assert r.status_code == 504
+            assert received == [b"POST", b"GET", b"GET"]
+    finally:
+        for up in ups:
+            await up.stop()

@@ -69,6 +69,9 @@ def test_client_response_head_framing() -> None:
 def test_retry_decisions_follow_proxy_next_upstream() -> None:
     kw = {"replayable": True, "response_started": False}
     assert should_retry(error=True, status=0, method=b"POST", **kw)
+    # Sent, then failed (read timeout, reset): the server may have acted on it.
+    assert not should_retry(error=True, status=0, method=b"POST", request_sent=True, **kw)
+    assert should_retry(error=True, status=0, method=b"GET", request_sent=True, **kw)
     assert should_retry(error=False, status=502, method=b"GET", **kw)
     assert should_retry(error=False, status=504, method=b"PUT", **kw)
     assert not should_retry(error=False, status=503, method=b"POST", **kw)

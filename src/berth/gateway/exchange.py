@@ -30,15 +30,25 @@ class ClientGone(ConnectionError):
 
 
 def should_retry(
-    *, error: bool, status: int, method: bytes, replayable: bool, response_started: bool
+    *,
+    error: bool,
+    status: int,
+    method: bytes,
+    replayable: bool,
+    response_started: bool,
+    request_sent: bool = False,
 ) -> bool:
     """nginx proxy_next_upstream semantics: never once the client has response bytes;
     connect errors and 502/503/504 only when the request can be sent again, and
-    a request already (maybe) processed only when its method is idempotent."""
+    a request already (maybe) processed only when its method is idempotent.
+    ``request_sent``: the failed attempt got as far as writing the request (a
+    read timeout or a reset, not a connect error)."""
     if response_started or not replayable:
         return False
-    if error:
+    if error and not request_sent:
         return True
+    if error:
+        return method in IDEMPOTENT
     return status in RETRY_STATUSES and method in IDEMPOTENT
 
 
@@ -85,6 +95,7 @@ class Exchange:
         self.max_body: int | None = None
         self.conn: UpstreamConnection | None = None
         self.retry_allowed = False
+        self.request_sent = False  # the current attempt wrote its request head upstream
         self.discarding = False
         self.framing = "length"
         self.response_started = False
@@ -150,6 +161,7 @@ class Exchange:
         loop = self.client.loop
         self._done = loop.create_future()
         self.discarding = False
+        self.request_sent = True
         self.conn = conn
         if self.sent:
             # A retry: what the previous upstream got is sent again first.

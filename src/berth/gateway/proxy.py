@@ -678,6 +678,7 @@ class ClientProtocol(asyncio.Protocol):
                 ex.upstream_addr = server.address
                 more = self._more_tries(route, cluster, len(tried), budget)
                 ex.retry_allowed = more
+                ex.request_sent = False
                 cluster.on_request_start(server)
                 started = self.loop.time()
             # Not the server's fault unless shown otherwise (client gone, cancelled).
@@ -702,6 +703,7 @@ class ClientProtocol(asyncio.Protocol):
                     method=ex.method,
                     replayable=ex.replayable,
                     response_started=ex.response_started,
+                    request_sent=ex.request_sent,
                 ):
                     raise
             except asyncio.CancelledError:
