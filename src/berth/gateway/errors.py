@@ -53,6 +53,11 @@ class HeadersTooLarge(ClientError):
     code = "headers_too_large"
 
 
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
 class ExpectationFailed(ClientError):
     status = 417
     code = "expectation_failed"

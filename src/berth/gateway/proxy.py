@@ -28,6 +28,7 @@ from berth.gateway.errors import (
     ExpectationFailed,
     GatewayError,
     HeadersTooLarge,
+    MethodNotAllowed,
     NoServer,
     RequestTimeout,
     RouteNotFound,
@@ -276,7 +277,12 @@ class ClientProtocol(asyncio.Protocol):
             ex.error = BadRequest("more than one Host header")
         elif hosts == 0 and not ex.http10 and not ex.url.startswith(b"http"):
             ex.error = BadRequest("HTTP/1.1 request without a Host header")
-        if ex.url[:1] != b"/" and ex.url != b"*":
+        if ex.method == b"CONNECT":
+            # A reverse proxy opens no tunnels (nginx answers 405 too). The
+            # parser stops after it; nothing more is read from this connection.
+            ex.error = MethodNotAllowed("CONNECT is not supported")
+            ex.keep_alive = False
+        elif ex.url[:1] != b"/" and ex.url != b"*":
             self._absolute_form(ex)
         self.parsing = ex
         if ex.chunked or ex.content_length:
@@ -451,7 +457,9 @@ class ClientProtocol(asyncio.Protocol):
     def _start_tunnel(self, rest: bytes) -> None:
         ex = self.parsing
         if ex is None:
-            self._fail(BadRequest("unexpected protocol upgrade"))
+            # CONNECT: its 405 is queued already and closes the connection.
+            self._failed = True
+            self.pause_reading("failed")
             return
         self._tunnel = ex
         self.parsing = None
@@ -871,6 +879,7 @@ def _status_error(status: int, address: str) -> GatewayError:
 _REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
+    405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
