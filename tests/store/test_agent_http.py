@@ -66,6 +66,10 @@ async def test_register_consul_style_and_snake_case(http: httpx.AsyncClient) -> 
         ({"Name": "x", "Port": 70000}, "Invalid service port"),
         ({"Name": "x", "Check": {"HTTP": "http://x/"}}, "Interval must be > 0"),
         ({"Name": "x", "Check": {"HTTP": "ftp://x/", "Interval": "1s"}}, "http://"),
+        ({"Name": "x", "Check": {"HTTP": "http://[::1", "Interval": "1s"}}, "http://"),
+        ({"Name": "x", "Check": {"HTTP": "http://h:99999/", "Interval": "1s"}}, "port"),
+        ({"Name": "x", "Check": {"TCP": "127.0.0.1:99999", "Interval": "1s"}}, "port"),
+        ({"Name": "x", "Check": {"TTL": -5}}, "exactly one"),
         ({"Name": "x", "Check": {"TTL": "1s", "TCP": "a:1", "Interval": "1s"}}, "exactly one"),
         ({"Name": "x", "Check": {"TTL": "soon"}}, "invalid ttl"),
         ({"Name": "x", "Check": {"GRPC": "a:1", "Interval": "1s"}}, "not supported"),
@@ -194,6 +198,21 @@ async def test_http_check_run_by_store(
     await eventually(lambda: has("warning"))
     status["code"] = 503
     await eventually(lambda: has("critical"))
+
+
+async def test_http_check_sends_non_ascii_header_values(
+    http: httpx.AsyncClient, upstream: tuple[str, dict[str, int]]
+) -> None:
+    # Consul sends header values as given; the probe must not die on them (a
+    # dead probe leaves the check at whatever status it had, forever).
+    url, _ = upstream
+    check = {"HTTP": url + "/health", "Interval": "1s", "Header": {"X-Who": ["café"]}}
+    await http.put("/v1/agent/service/register", json={"Name": "utf", "Check": check})
+
+    async def passing() -> bool:
+        return await _status_of(http, "service:utf") == "passing"
+
+    await eventually(passing)
 
 
 async def test_tcp_check_and_reaper(running: RunningStore, http: httpx.AsyncClient) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from berth.store.checks import http_status, reap_due
+from berth.store.checks import CheckRunner, http_status, reap_due
 from berth.store.definitions import parse_service, parse_session
 from berth.store.errors import BadRequest
 from berth.store.keys import key_problem
-from berth.store.model import Check, Entry
+from berth.store.model import Check, CheckSpec, Entry
 from berth.store.persist import Persistence
 from berth.store.state import State
 from berth.store.watch import WatchHub
@@ -48,6 +48,39 @@ def test_parse_service_rejects_duplicates_and_bad_headers() -> None:
             {"Name": "a", "Check": {"HTTP": "http://h/", "Interval": "1s", "Header": {"a": "b"}}},
             deregister_min_s=0,
         )
+
+
+def test_parse_check_timeout_defaults_when_not_positive() -> None:
+    # Consul uses its 10s default for any Timeout that is not > 0.
+    _, [check] = parse_service(
+        {"Name": "a", "Check": {"HTTP": "http://h/", "Interval": "1s", "Timeout": "0s"}},
+        deregister_min_s=0,
+    )
+    assert check.spec.timeout_s == 10.0
+    _, [check] = parse_service(
+        {"Name": "a", "Check": {"HTTP": "http://h/", "Interval": "1s", "Timeout": -5}},
+        deregister_min_s=0,
+    )
+    assert check.spec.timeout_s == 10.0
+
+
+async def test_probe_failure_of_any_kind_is_critical() -> None:
+    """A probe that raises something unexpected reports critical instead of
+    ending its loop (a spec persisted by an older berth is not re-validated)."""
+
+    async def write(fn: object) -> None:
+        return None
+
+    runner = CheckRunner(State(), write, 1, 60.0)
+    try:
+        for spec in (
+            CheckSpec(tcp="127.0.0.1:99999", interval_s=1, timeout_s=5),
+            CheckSpec(http="http://127.0.0.1:99999/", interval_s=1, timeout_s=5),
+        ):
+            status, output = await runner._probe(spec)
+            assert status == "critical" and "99999" in output, output
+    finally:
+        await runner.stop()
 
 
 def test_parse_session() -> None:

@@ -180,8 +180,12 @@ class CheckRunner:
                 return await asyncio.wait_for(self._probe_http(spec), spec.timeout_s)
             return await asyncio.wait_for(self._probe_tcp(spec), spec.timeout_s)
         except TimeoutError:
-            target = spec.http or spec.tcp
-            return "critical", f"{target}: timed out after {spec.timeout_s:g}s"
+            return "critical", f"{spec.http or spec.tcp}: timed out after {spec.timeout_s:g}s"
+        except Exception as exc:
+            # Whatever else a probe raises (a port out of range in a spec stored
+            # by an older berth, a header h11 refuses) is a failed check; it must
+            # not end the loop, which would freeze the check at its last status.
+            return "critical", f"{spec.http or spec.tcp}: {exc!r}"
 
     async def _probe_http(self, spec: CheckSpec) -> tuple[Status, str]:
         client = self._clients.get(spec.tls_skip_verify)
@@ -190,18 +194,30 @@ class CheckRunner:
                 verify=not spec.tls_skip_verify, follow_redirects=True, trust_env=False
             )
             self._clients[spec.tls_skip_verify] = client
-        headers = [(k, v) for k, values in spec.header.items() for v in values]
+        # Bytes, as Consul sends them: httpx would refuse non-ASCII str values.
+        headers = [(k.encode(), v.encode()) for k, values in spec.header.items() for v in values]
+        request = client.build_request(
+            spec.method,
+            spec.http,
+            headers=headers,
+            content=spec.body.encode() if spec.body else None,
+            timeout=spec.timeout_s,
+        )
         try:
-            resp = await client.request(
-                spec.method,
-                spec.http,
-                headers=headers,
-                content=spec.body.encode() if spec.body else None,
-                timeout=spec.timeout_s,
-            )
+            resp = await client.send(request, stream=True)
+            try:
+                # Only the start of the body becomes the output: a health page
+                # that streams megabytes must not be held in memory.
+                head = b""
+                async for chunk in resp.aiter_bytes():
+                    head += chunk
+                    if len(head) >= MAX_OUTPUT:
+                        break
+            finally:
+                await resp.aclose()
         except httpx.HTTPError as exc:
             return "critical", f"Get {spec.http}: {exc!r}"
-        text = resp.text[:MAX_OUTPUT]
+        text = head[:MAX_OUTPUT].decode(resp.encoding or "utf-8", errors="replace")
         return (
             http_status(resp.status_code),
             f"HTTP {spec.method} {spec.http}: {resp.status_code} {resp.reason_phrase}"

@@ -139,16 +139,19 @@ def parse_check(body: Any, service: Service, default_id: str, *, deregister_min_
     tcp = _str(doc, "tcp", where)
     ttl = _duration(doc, "ttl", where)
     interval = _duration(doc, "interval", where)
-    if sum(bool(x) for x in (http, tcp, ttl)) != 1:
+    # A TTL that is not > 0 is no TTL, as in Consul (CheckType.IsTTL).
+    if sum((bool(http), bool(tcp), ttl > 0)) != 1:
         raise BadRequest(f"{where}: exactly one of HTTP, TCP or TTL must be given")
     if (http or tcp) and interval <= 0:
         raise BadRequest(f"{where}: Interval must be > 0 for HTTP or TCP checks")
+    # Targets are checked here: one the prober cannot even dial would only
+    # ever report its error as the check's output.
     if http:
-        url = urlsplit(http)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise BadRequest(f"{where}: HTTP must be an http:// or https:// URL")
-    if tcp and (":" not in tcp or not tcp.rsplit(":", 1)[1].isdigit()):
-        raise BadRequest(f"{where}: TCP must be host:port")
+        _check_http_target(http, where)
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise BadRequest(f"{where}: TCP must be host:port with a port in 1..65535")
     header = doc.get("header") or {}
     if not isinstance(header, Mapping) or not all(
         isinstance(v, list) and all(isinstance(x, str) for x in v) for v in header.values()
@@ -157,7 +160,9 @@ def parse_check(body: Any, service: Service, default_id: str, *, deregister_min_
     status = _str(doc, "status", where, "critical")
     if status not in STATUSES:
         raise BadRequest(f"{where}: invalid Status {status!r}")
-    timeout = _duration(doc, "timeout", where) or 10.0
+    timeout = _duration(doc, "timeout", where)
+    if timeout <= 0:
+        timeout = 10.0  # Consul's default, also for a zero or negative Timeout
     deregister = _duration(doc, "deregistercriticalserviceafter", where)
     if deregister:
         deregister = max(deregister, deregister_min_s)
@@ -187,6 +192,18 @@ def parse_check(body: Any, service: Service, default_id: str, *, deregister_min_
         create_index=0,
         modify_index=0,
     )
+
+
+def _check_http_target(http: str, where: str) -> None:
+    try:
+        url = urlsplit(http)
+        url.port  # noqa: B018 (raises ValueError for a port out of range)
+    except ValueError as exc:
+        raise BadRequest(
+            f"{where}: HTTP must be an http:// or https:// URL with a valid host and port ({exc})"
+        ) from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise BadRequest(f"{where}: HTTP must be an http:// or https:// URL")
 
 
 def _lock_delay_s(value: Any) -> float:
