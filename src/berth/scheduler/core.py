@@ -433,7 +433,9 @@ class Scheduler:
                     app = models.with_instances(rt.app, max(0, rt.app.instances - len(tasks)))
                     await self.state.put_app(app_id, models.to_json(app))
                     old, rt.app = rt.app, app
-                    self._locks.pop(app_id, None)
+                    # Supersedes (fails) a deployment in progress, as ?force would: left
+                    # alone it would stay listed, with nothing ever finishing it.
+                    await self._unlock(app_id, force=True)
                     dep = await self._deploy([[("ScaleApplication", app_id)]], old, app)
         for rt, task in found:
             self._kill(rt, task, "killed through the API")
