@@ -78,6 +78,7 @@ class ProcessTask:
         self._sandbox = sandbox
         self._stopping = False
         self._stderr_tail = b""
+        self._log_failed = False
         self._pumps = [
             asyncio.ensure_future(self._pump(proc.stdout, "stdout")),
             asyncio.ensure_future(self._pump(proc.stderr, "stderr")),
@@ -97,15 +98,30 @@ class ProcessTask:
                 self._stderr_tail = (self._stderr_tail + chunk)[-4096:]
             pending += chunk
             *lines, pending = pending.split(b"\n")
-            for line in lines:
-                self._log.write(line.decode("utf-8", "replace") + "\n", name)
+            pieces = [line + b"\n" for line in lines]
             while len(pending) >= MAX_LINE:
-                self._log.write(pending[:MAX_LINE].decode("utf-8", "replace"), name)
+                pieces.append(pending[:MAX_LINE])
                 pending = pending[MAX_LINE:]
-            self._log.flush()
+            self._write(pieces, name)
         if pending:
-            self._log.write(pending.decode("utf-8", "replace"), name)
+            self._write([pending], name)
+
+    def _write(self, pieces: list[bytes], name: Stream) -> None:
+        # A log that cannot be written (disk full, rotation failing) loses lines; the pump
+        # must keep reading anyway, or the task blocks forever on a full pipe.
+        try:
+            for piece in pieces:
+                self._log.write(piece.decode("utf-8", "replace"), name)
             self._log.flush()
+        except (OSError, ValueError) as exc:
+            if not self._log_failed:
+                log.warning(
+                    "task %s: log %s unwritable, dropping output: %s",
+                    self.spec.task_id,
+                    self._log.path,
+                    exc,
+                )
+            self._log_failed = True
 
     def _signal_all(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
