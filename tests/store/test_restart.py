@@ -53,3 +53,27 @@ async def test_tombstones_are_reaped_after_their_ttl(tmp_path: Path) -> None:
         await rs.http.put("/v1/kv/flush", content=b"1")  # the reap rides the next commit
     async with serve_store(tmp_path, **FAST) as rs:
         assert rs.store.state.tombstones == {}
+
+
+async def test_after_a_failed_commit_nothing_is_applied_or_served(tmp_path: Path) -> None:
+    """Once a commit fails, memory is ahead of disk: the store must neither apply
+    further writes (each answered 500 yet visible) nor serve what a restart
+    would lose."""
+    async with serve_store(tmp_path, **FAST) as rs:
+        http = rs.http
+        assert (await http.put("/v1/kv/kept", content=b"1")).json() is True
+        db = rs.store.persistence._db
+        assert db is not None
+        db.close()  # the disk goes away under the store
+        r = await http.put("/v1/kv/lost", content=b"1")
+        assert r.status_code == 500 and "commit failed" in r.text
+        index = rs.store.state.index
+        r = await http.put("/v1/kv/later", content=b"1")
+        assert r.status_code == 500
+        assert rs.store.state.index == index and "later" not in rs.store.state.kv
+        for path in ("/v1/kv/lost", "/v1/kv/kept", "/v1/agent/services"):
+            r = await http.get(path)
+            assert r.status_code == 500 and "persistence failed" in r.text, (path, r.text)
+    async with serve_store(tmp_path, **FAST) as rs:
+        assert (await rs.http.get("/v1/kv/kept")).status_code == 200
+        assert (await rs.http.get("/v1/kv/lost")).status_code == 404

@@ -132,10 +132,13 @@ class Persistence:
         batch = self._open or self._inflight
         return batch.future if batch else None
 
-    def submit(self, changes: Changes) -> asyncio.Future[None]:
-        """Queue ``changes`` into the open batch; the future resolves after COMMIT."""
+    def raise_if_failed(self) -> None:
         if self.failed is not None:
             raise PersistenceFailed(f"store persistence failed earlier: {self.failed!r}")
+
+    def submit(self, changes: Changes) -> asyncio.Future[None]:
+        """Queue ``changes`` into the open batch; the future resolves after COMMIT."""
+        self.raise_if_failed()
         with self._lock:
             batch = self._batch()
             batch.changes.append(changes)

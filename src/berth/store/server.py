@@ -125,6 +125,9 @@ class StoreServer:
 
     async def write(self, fn: Callable[[Tx], R]) -> R:
         """Apply ``fn`` atomically; return once the change is committed to disk."""
+        # Checked before applying: after a failed commit nothing more may reach
+        # memory, or it would be visible yet lost on restart.
+        self.persistence.raise_if_failed()
         result, changes = self.state.write(fn)
         # Even a write that changed nothing may have answered from writes still
         # being committed: it waits for them too.
@@ -234,6 +237,10 @@ class StoreServer:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            # Memory is ahead of disk once a commit failed: serving it would show
+            # data a restart loses, so every request gets the failure (as a
+            # Consul server without a writable log answers none).
+            self.persistence.raise_if_failed()
             req = parse_request(scope, receive)
             path = req.path
             dc = req.param("dc")
