@@ -119,3 +119,27 @@ async def test_body_limit_413_by_content_length_and_mid_stream(make_gateway, ups
     async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
         r = await client.put("/", content=b"y" * 1000)
         assert r.status_code == 200 and r.json()["body_size"] == 1000
+
+
+async def test_413_reaches_a_client_still_sending_its_body(make_gateway, upstreams) -> None:
+    # The gateway answers before reading the body; closing with it unread would
+    # reset the connection and the client would never see the 413.
+    a = await upstreams("a")
+    gw = await make_gateway()
+    gw.routes.set(
+        [Route("svc", "/", "c", limits=Limits(max_body_size=1000))], {"c": [("127.0.0.1", a.port)]}
+    )
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+        for _ in range(3):
+            r = await client.post("/", content=b"x" * 5_000_000)
+            assert r.status_code == 413 and r.headers["connection"] == "close"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: svc\r\nContent-Length: 5000000\r\n\r\n")
+    for _ in range(5):
+        writer.write(b"x" * 1_000_000)
+        await writer.drain()
+    status, _, _ = await read_response(reader)
+    assert status == 413
+    assert await reader.read() == b""  # and the gateway closed its side
+    writer.close()
+    assert not a.app.requests

@@ -59,6 +59,10 @@ log = logging.getLogger("berth.gateway.proxy")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # nginx logs 499 when the client went away before the response was complete.
 CLIENT_CLOSED = 499
+# nginx's lingering_time / lingering_timeout: how long, and how long between
+# reads, a closing connection still reads (and drops) what the client sends.
+LINGER_TIME = 30.0
+LINGER_TIMEOUT = 5.0
 
 
 class TableSource(Protocol):
@@ -123,6 +127,7 @@ class ClientProtocol(asyncio.Protocol):
         self._tunnel: Exchange | None = None
         self._corked: list[bytes] | None = None
         self._failed = False
+        self._linger_since = 0.0  # set once the response is out and input is being dropped
         # Request head being parsed.
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -171,6 +176,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self.loop.time()
+        if self._linger_since:
+            return
         if self._tunnel is not None:
             self._feed_tunnel(self._tunnel, data)
             return
@@ -412,7 +419,11 @@ class ClientProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self._corked is not None:
             self._corked.append(data)
-        elif self.transport is not None and not self.transport.is_closing():
+        elif (
+            self.transport is not None
+            and not self.transport.is_closing()
+            and not self._linger_since
+        ):
             self.transport.write(data)
 
     def cork(self) -> None:
@@ -421,7 +432,12 @@ class ClientProtocol(asyncio.Protocol):
 
     def uncork(self) -> None:
         pieces, self._corked = self._corked, None
-        if pieces and self.transport is not None and not self.transport.is_closing():
+        if (
+            pieces
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and not self._linger_since
+        ):
             self.transport.writelines(pieces)
 
     def pause_reading(self, reason: str) -> None:
@@ -436,9 +452,32 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def close(self) -> None:
+        transport = self.transport
+        first = not self.closing
         self.closing = True
-        if self.transport is not None:
-            self.transport.close()
+        if transport is None or transport.is_closing():
+            return
+        if first and self._input_unread() and transport.can_write_eof():
+            self._linger(transport)
+        else:
+            transport.close()
+
+    def _input_unread(self) -> bool:
+        return self._failed or self._in_head or self.parsing is not None or bool(self.pipeline)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Closing with client bytes still unread would make the kernel send a
+        reset, which destroys the response in flight (the 413 for an upload
+        being sent): the client would only ever see "connection reset". As
+        nginx's lingering close: send FIN after the response, read and drop
+        until the client closes, for a bounded time."""
+        self.uncork()
+        self._linger_since = now = self.loop.time()
+        self._failed = True
+        transport.write_eof()
+        self._paused.clear()
+        transport.resume_reading()
+        self._timer_by(now + LINGER_TIMEOUT)
 
     def shutdown(self) -> None:
         """Draining (ctx.draining is set): busy connections close after their
@@ -501,7 +540,12 @@ class ClientProtocol(asyncio.Protocol):
         cfg = self.config
         now = self.loop.time()
         ex = self.current
-        if self._in_head:
+        if self._linger_since:
+            due = min(self._linger_since + LINGER_TIME, self._last_data + LINGER_TIMEOUT)
+            if now >= due:
+                self.transport.close()
+                return
+        elif self._in_head:
             due = self._head_started + cfg.client_header_timeout
             if now >= due and self.current is None:
                 self._fail(RequestTimeout("request headers were not received in time"))
