@@ -39,6 +39,13 @@ class CorruptImage(BadRequest):
     code = "corrupt_image"
 
 
+class ClientDisconnected(BadRequest):
+    """The client closed the connection before its body was complete; nobody reads the answer."""
+
+    status = 499  # nginx's "client closed request", so logs and metrics tell it apart
+    code = "client_disconnected"
+
+
 class NotAnImage(ServiceError, ValueError):
     status = 415
     code = "unsupported_media_type"

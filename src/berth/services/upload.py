@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
-from berth.services.errors import BadRequest, BodyTooLarge
+from berth.services.errors import BadRequest, BodyTooLarge, ClientDisconnected
 
 FILE_FIELD = "file"
 
@@ -30,11 +30,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     # Chunked uploads have no declared length, so the cap is enforced as we go.
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected(f"client left after {size} bytes of the body") from None
     return b"".join(chunks)
 
 
