@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from berth.services.config import ImgProcessConfig
-from berth.services.errors import BadRequest, InvalidParameter
+from berth.services.errors import BadRequest, InvalidParameter, ServiceError
 from berth.services.imaging import init_vips, probe
 from berth.services.imgprocess import pipeline
 from berth.services.imgprocess.params import Plan, encode_b64, parse, parse_pairs
@@ -92,7 +92,11 @@ class ImgProcessService:
             data = file.read_bytes()
         except OSError:
             raise InvalidParameter(key, f"no watermark image {path!r}") from None
-        probe(data, self.config)  # the same limits as an upload: it is a file of unknown origin
+        try:
+            probe(data, self.config)  # the same limits as an upload: it is a file of unknown origin
+        except ServiceError as exc:
+            # About the parameter, not the upload: "body is not an image" would mislead.
+            raise InvalidParameter(key, f"{path!r}: {exc.message}") from None
         image = pyvips.Image.new_from_buffer(data, "", fail_on="truncated")
         return pipeline.to_srgb(image, honour_icc=True)
 

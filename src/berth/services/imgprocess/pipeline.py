@@ -363,6 +363,7 @@ def process(
 def check_watermark_path(path: str) -> str:
     """A watermark path relative to the watermark directory; no escaping it."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
+    # A NUL makes the OS call raise ValueError; no file name needs control characters.
+    if not parts or any(p == ".." for p in parts) or any(ord(c) < 32 for c in path):
         raise BadRequest(f"watermark url {path!r} is not a path inside the watermark directory")
     return "/".join(parts)
