@@ -57,6 +57,8 @@ FONTS: dict[str, str] = {
 MAX_SIDE_PARAM = 20_000
 MAX_TEXT = 500
 MAX_TEXT_PIXELS = 16_000_000
+# Each watermark is one more composite in the pipeline; thousands ran for minutes.
+MAX_WATERMARKS = 10
 
 
 @dataclass(frozen=True)
@@ -406,6 +408,8 @@ def parse_pairs(pairs: list[tuple[str, str]]) -> Plan:
             plan = replace(plan, roundrect=_int(key, value, 1, MAX_SIDE_PARAM))
         elif key in ("watermark/url", "watermark/text"):
             kind: Literal["image", "text"] = "image" if key == "watermark/url" else "text"
+            if len(watermarks) == MAX_WATERMARKS:
+                raise InvalidParameter("watermark", f"at most {MAX_WATERMARKS} watermarks")
             watermarks.append(_watermark_source(Watermark(kind, ""), key, value))
             in_watermark = True
         elif key == "format":
