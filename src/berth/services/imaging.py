@@ -107,10 +107,7 @@ def vips_errors(what: str) -> Iterator[None]:
     except ServiceError:
         raise
     except pyvips.Error as exc:
-        message = vips_message(exc)
-        if "killed" in message:
-            raise ProcessingTimeout(f"{what}: processing time limit reached") from None
-        raise CorruptImage(f"{what}: {message}") from None
+        raise CorruptImage(f"{what}: {vips_message(exc)}") from None
 
 
 @dataclass(frozen=True)
@@ -167,13 +164,27 @@ def check_limits(width: int, height: int, frames: int, config: ServiceConfig) ->
         )
 
 
-def kill_after(image: pyvips.Image, seconds: float) -> None:
-    """Make evaluation of ``image`` stop with 'killed' once ``seconds`` have passed."""
+@contextmanager
+def time_limit(image: pyvips.Image, seconds: float, what: str) -> Iterator[None]:
+    """Stop evaluating ``image`` inside the block once ``seconds`` have passed.
+
+    The failure is recognised by our own flag, not by libvips' message: some
+    savers (PNG) report a killed evaluation as "unable to write to target".
+    """
     deadline = time.monotonic() + seconds
+    killed = False
     image.set_progress(True)
 
     def on_eval(img: pyvips.Image, progress: object) -> None:
+        nonlocal killed
         if time.monotonic() > deadline:
+            killed = True
             img.set_kill(True)
 
     image.signal_connect("eval", on_eval)
+    try:
+        yield
+    except pyvips.Error:
+        if killed:
+            raise ProcessingTimeout(f"{what}: processing time limit reached") from None
+        raise

@@ -27,8 +27,8 @@ from berth.services.imaging import (
     WEBP,
     Format,
     Probe,
-    kill_after,
     probe,
+    time_limit,
     vips_errors,
 )
 from berth.services.imgprocess import geometry
@@ -355,8 +355,8 @@ def process(
             image = ops.apply(image, target)
             out_height, out_frames = image.height, 1
         geometry.check_output(image.width, out_height, config.limit_output_side, "result")
-        kill_after(image, config.timeout_processing)
-        body = save(image, fmt, plan, config.quality_default)
+        with time_limit(image, config.timeout_processing, "cannot process image"):
+            body = save(image, fmt, plan, config.quality_default)
     return Output(body, fmt, image.width, out_height, out_frames, vary)
 
 
