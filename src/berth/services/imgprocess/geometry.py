@@ -69,6 +69,16 @@ def check_output(width: int, height: int, limit: int, key: str) -> None:
         raise InvalidParameter(key, f"result {width}x{height} is over the limit of {limit} a side")
 
 
+def check_output_pixels(width: int, height: int, frames: int, limit: int, key: str) -> None:
+    # Savers such as WebP hold a whole frame; and enlarging every frame of a long
+    # small animation multiplies the side limit by the frame count.
+    pixels = width * height * frames
+    if pixels > limit:
+        raise InvalidParameter(
+            key, f"result {width}x{height}x{frames} frames is over the limit of {limit} pixels"
+        )
+
+
 def jpeg_shrink(w: int, h: int, target: Target) -> int:
     """Largest JPEG shrink-on-load factor that still leaves at least the target size.
 

@@ -172,6 +172,7 @@ class FrameOps:
     config: ImgProcessConfig
     load_watermark: WatermarkLoader
     animated: bool
+    frames: int
     _overlays: list[pyvips.Image] | None = None
 
     def apply(self, image: pyvips.Image, target: geometry.Target | None) -> pyvips.Image:
@@ -184,6 +185,9 @@ class FrameOps:
                 target = geometry.resize_target(plan.resize, plan.force, w, h)
         if target is not None:
             geometry.check_output(target.width, target.height, limit, plan.resize_key)
+            geometry.check_output_pixels(
+                target.width, target.height, self.frames, self.config.limit_pixels, plan.resize_key
+            )
             if target.fit == "cover":
                 image = image.thumbnail_image(
                     target.width, height=target.height, crop="centre", no_rotate=True
@@ -342,7 +346,7 @@ def process(
         image = to_srgb(image, honour_icc=not plan.noicc)
         if plan.autoorient and not animated:
             image = image.autorot()
-        ops = FrameOps(plan, config, load_watermark, animated)
+        ops = FrameOps(plan, config, load_watermark, animated, found.frames if animated else 1)
         if animated:
             # Shrink-on-load (WebP) has scaled the frames already.
             page = image.get("page-height") if image.get_typeof("page-height") else found.height
@@ -355,6 +359,9 @@ def process(
             image = ops.apply(image, target)
             out_height, out_frames = image.height, 1
         geometry.check_output(image.width, out_height, config.limit_output_side, "result")
+        geometry.check_output_pixels(
+            image.width, out_height, out_frames, config.limit_pixels, "result"
+        )
         with time_limit(image, config.timeout_processing, "cannot process image"):
             body = save(image, fmt, plan, config.quality_default)
     return Output(body, fmt, image.width, out_height, out_frames, vary)
