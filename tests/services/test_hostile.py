@@ -1,0 +1,93 @@
+"""Hostile requests found in review: each once answered 500, 400 for a timeout, or ran unbounded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pyvips
+
+from berth.services.imgprocess.params import encode_b64
+
+from .images import RED, animation, encode, solid
+
+
+async def test_watermark_path_with_a_nul_byte_is_400(imgprocess: httpx.AsyncClient) -> None:
+    data = encode(solid(50, 50, RED), ".png")
+    path = encode_b64("a\x00.png")
+    response = await imgprocess.put(f"/!/watermark/url/{path}", content=data)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "bad_request"
+
+
+async def test_watermark_that_is_not_an_image_names_the_parameter(
+    imgprocess: httpx.AsyncClient, watermark_dir: Any
+) -> None:
+    (watermark_dir / "notes.txt").write_text("not an image")
+    data = encode(solid(50, 50, RED), ".png")
+    response = await imgprocess.put(f"/!/watermark/url/{encode_b64('notes.txt')}", content=data)
+    assert response.status_code == 400, response.text
+    assert response.json()["message"].startswith("watermark/url:")
+
+
+async def test_time_limit_is_504_for_every_output_format(
+    start_imgprocess: Callable[..., Any],
+) -> None:
+    # PNG's writer reported the kill as "unable to write to target": it was a 400.
+    data = encode(solid(1000, 1000, RED).bandjoin(255), ".png")
+    async with start_imgprocess(timeout_processing=0.000001) as (client, _):
+        for fmt in ("png", "jpg", "webp", "gif"):
+            response = await client.put(f"/!/gaussblur/50x50/format/{fmt}", content=data)
+            assert response.status_code == 504, (fmt, response.text)
+            assert response.json()["error"] == "processing_timeout"
+
+
+async def test_watermark_count_is_bounded(imgprocess: httpx.AsyncClient) -> None:
+    # Each watermark is one more composite: thousands of them ran for minutes.
+    group = f"/watermark/text/{encode_b64('ab')}/size/5"
+    data = encode(solid(50, 50, RED), ".png")
+    response = await imgprocess.put("/!" + group * 200, content=data)
+    assert response.status_code == 400
+    assert response.json()["message"].startswith("watermark")
+    response = await imgprocess.put("/!" + group * 3, content=data)
+    assert response.status_code == 200
+
+
+async def test_result_pixels_are_bounded_over_all_frames(
+    start_imgprocess: Callable[..., Any],
+) -> None:
+    # Enlarging a many-frame animation multiplies the limit of one side by the frames.
+    frames = animation([(i * 20, 0, 0) for i in range(10)], width=20, height=2)
+    data = encode(frames, ".gif")
+    async with start_imgprocess(limit_pixels=500_000) as (client, _):
+        response = await client.put("/!/fw/1000/force/true", content=data)
+        assert response.status_code == 400, response.text
+        body = response.json()
+        assert body["error"] == "invalid_parameter" and body["message"].startswith("fw:")
+        response = await client.put("/!/fw/200/force/true", content=data)
+        assert response.status_code == 200
+        assert response.headers["x-upyun-frames"] == "10"
+        assert pyvips.Image.new_from_buffer(response.content, "").width == 200
+
+
+async def test_client_leaving_mid_upload_is_not_an_internal_error(
+    start_imageinfo: Callable[..., Any],
+) -> None:
+    async with start_imageinfo() as (client, _):
+        url = urlsplit(str(client.base_url))
+        _, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"\xff" * 10)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        metrics = ""
+        for _ in range(500):
+            metrics = (await client.get("/metrics")).text
+            if "berth_service_errors_total" in metrics:
+                break
+            await asyncio.sleep(0.01)
+        assert 'code="internal"' not in metrics, metrics
+        assert 'code="client_disconnected"' in metrics
