@@ -160,3 +160,19 @@ def test_reregistering_keeps_check_state_and_identical_is_no_write() -> None:
     _, ch = st.write(lambda tx: tx.register_service(retagged, [_check("c1", retagged)], False, 0.0))
     assert st.checks["c1"].status == "passing" and st.checks["c1"].service_tags == ("new",)
     assert st.services["w1"].tags == ("new",)
+
+
+def test_renamed_service_keeps_its_checks_under_the_new_name() -> None:
+    # A kept check must follow its service's new name: its status changes
+    # have to wake the watchers of the new name, not of the old one.
+    st = State()
+    svc = _service("w1", name="web")
+    st.write(lambda tx: tx.register_service(svc, [_check("c1", svc)], False, 0.0))
+    st.write(lambda tx: tx.register_service(_service("w1", name="api"), [], False, 0.0))
+    assert st.checks["c1"].service_name == "api"
+    _, ch = st.write(lambda tx: tx.update_check("c1", "passing", "ok", 0.0))
+    assert "svc:api" in ch.topics() and "svc:web" not in ch.topics()
+    # A check ID registered again for another service moves there: both wake.
+    other = _service("o1", name="db")
+    _, ch = st.write(lambda tx: tx.register_service(other, [_check("c1", other)], False, 0.0))
+    assert {"svc:api", "svc:db"} <= ch.topics() and st.checks["c1"].service_id == "o1"

@@ -422,9 +422,19 @@ class Tx:
         for existing in state.service_checks(service.id):
             if existing.id not in keep and replace_existing_checks:
                 self.deregister_check(existing.id, now)
-            elif existing.id not in keep and existing.service_tags != service.tags:
+            elif existing.id not in keep and (existing.service_name, existing.service_tags) != (
+                service.name,
+                service.tags,
+            ):
+                # A kept check follows its service's name and tags; with a stale
+                # name its changes would wake the old name's watchers.
                 self.put_check(
-                    replace(existing, service_tags=service.tags, modify_index=self.index),
+                    replace(
+                        existing,
+                        service_name=service.name,
+                        service_tags=service.tags,
+                        modify_index=self.index,
+                    ),
                     existing.id,
                     service.name,
                 )
@@ -443,6 +453,9 @@ class Tx:
             check = replace(check, create_index=self.index)
         if old is not None and _same_check(old, check):
             return
+        if old is not None and old.service_name and old.service_name != check.service_name:
+            # The check moves to another service: the one it left changes health too.
+            self._bump("svc:" + old.service_name)
         self.put_check(replace(check, modify_index=self.index), check.id, check.service_name)
         if check.status == "critical":
             self._invalidate_sessions_of(check.id, now)
