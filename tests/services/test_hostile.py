@@ -91,3 +91,19 @@ async def test_client_leaving_mid_upload_is_not_an_internal_error(
             await asyncio.sleep(0.01)
         assert 'code="internal"' not in metrics, metrics
         assert 'code="client_disconnected"' in metrics
+
+
+async def test_a_stalled_upload_gives_its_place_back(start_imageinfo: Callable[..., Any]) -> None:
+    # One place only: a client that sends half its body and stalls held it forever.
+    async with start_imageinfo(workers=1, limit_queue=0, timeout_body=0.5) as (client, service):
+        url = urlsplit(str(client.base_url))
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"\xff" * 10)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        writer.close()
+        await writer.wait_closed()
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        assert "running=0 queued=0" in repr(service.shell.pool)
+        small = encode(solid(10, 10, RED), ".png")
+        assert (await client.put("/", content=small)).status_code == 200

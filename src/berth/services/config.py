@@ -60,6 +60,9 @@ class ServiceConfig(ComponentConfig):
     limit_pixels: int = Field(default=50_000_000, ge=1)
     limit_frames: int = Field(default=1000, ge=1)
     timeout_processing: float = Field(default=30.0, gt=0)
+    # An upload holds its place in the pool while it arrives: without a bound, a
+    # few clients that stall mid-body would keep the service at 503 forever.
+    timeout_body: float = Field(default=60.0, gt=0)
     retry_after_seconds: int = Field(default=1, ge=0)
 
 

@@ -56,6 +56,11 @@ class BodyTooLarge(ServiceError, ValueError):
     code = "body_too_large"
 
 
+class BodyTimeout(ServiceError, TimeoutError):
+    status = 408
+    code = "body_timeout"
+
+
 class ImageTooLarge(ServiceError, ValueError):
     """Dimensions or pixel count (frames included) over the configured limits."""
 

@@ -17,7 +17,6 @@ from berth.services.config import ImageInfoConfig
 from berth.services.exif import decode_common
 from berth.services.imaging import JPEG, PNG, Probe, init_vips, probe, vips_errors
 from berth.services.shell import ServiceShell
-from berth.services.upload import read_upload
 
 NAME = "imageinfo"
 
@@ -74,7 +73,7 @@ class ImageInfoService:
 
     async def info(self, request: Request) -> Response:
         async with self.shell.admit() as place:
-            upload = await read_upload(request, self.config.limit_body_bytes)
+            upload = await self.shell.read(request)
             info, file_type = await self.shell.work(place, lambda: self._info(upload.data))
         return JSONResponse(info, headers=upyun_headers(info, file_type))
 

@@ -23,9 +23,10 @@ from starlette.routing import BaseRoute, Route
 
 from berth.controlplane.server import bind
 from berth.services.config import ServiceConfig
-from berth.services.errors import Overloaded, ServiceError
+from berth.services.errors import BodyTimeout, Overloaded, ServiceError
 from berth.services.metrics import ServiceMetrics
 from berth.services.pool import Admission, WorkPool
+from berth.services.upload import Upload, read_upload
 
 log = logging.getLogger("berth.services")
 
@@ -54,6 +55,15 @@ class ServiceShell:
     def admit(self) -> Admission:
         """A place in the pool, taken before the body is read (503 if there is none)."""
         return self.pool.admit()
+
+    async def read(self, request: Request) -> Upload:
+        """The upload, within the body size and time limits (call it once admitted)."""
+        timeout = self.config.timeout_body
+        try:
+            async with asyncio.timeout(timeout):
+                return await read_upload(request, self.config.limit_body_bytes)
+        except TimeoutError:
+            raise BodyTimeout(f"the body did not arrive within {timeout:g} s") from None
 
     async def work(self, place: Admission, fn: Callable[[], T]) -> T:
         """Run ``fn`` on a worker thread, timing only the time it actually runs."""

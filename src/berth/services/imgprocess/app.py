@@ -19,7 +19,6 @@ from berth.services.imgprocess import pipeline
 from berth.services.imgprocess.params import Plan, encode_b64, parse, parse_pairs
 from berth.services.pool import Admission
 from berth.services.shell import ServiceShell
-from berth.services.upload import read_upload
 
 NAME = "imgprocess"
 SEPARATOR = "!"
@@ -118,12 +117,12 @@ class ImgProcessService:
     async def process(self, request: Request) -> Response:
         plan = plan_from_request(request.url.path, request.headers.get(THUMB_HEADER))
         async with self.shell.admit() as place:
-            upload = await read_upload(request, self.config.limit_body_bytes)
+            upload = await self.shell.read(request)
             return await self._run(request, place, upload.data, plan)
 
     async def pipeline(self, request: Request) -> Response:
         async with self.shell.admit() as place:
-            upload = await read_upload(request, self.config.limit_body_bytes)
+            upload = await self.shell.read(request)
             raw = upload.fields.get("operations", request.headers.get(PIPELINE_HEADER))
             if raw is None:
                 raise BadRequest(
