@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from berth.store.checks import CheckRunner, http_status, reap_due
 from berth.store.definitions import parse_service, parse_session
 from berth.store.errors import BadRequest
 from berth.store.keys import key_problem
-from berth.store.model import Check, CheckSpec, Entry
+from berth.store.model import Check, CheckSpec, Entry, Service
 from berth.store.persist import Persistence
 from berth.store.state import State
 from berth.store.watch import WatchHub
@@ -79,6 +80,28 @@ async def test_probe_failure_of_any_kind_is_critical() -> None:
         ):
             status, output = await runner._probe(spec)
             assert status == "critical" and "99999" in output, output
+    finally:
+        await runner.stop()
+
+
+async def test_ttl_pass_in_the_turn_the_timer_fires_wins() -> None:
+    st = State()
+    svc = Service("w1", "web", (), "", 0, {}, {}, {}, False, 0, 0)
+    check = Check("c", "c", "passing", "", "", "w1", "web", (), CheckSpec(ttl_s=30), 0, 0)
+    st.write(lambda tx: tx.register_service(svc, [check], False, 0.0))
+
+    async def write(fn: Any) -> Any:
+        return st.write(fn)[0]
+
+    runner = CheckRunner(st, write, 1, 60.0)
+    runner.start()
+    try:
+        runner._ttl_expired("c")  # the TTL timer fires...
+        # ...and in the same loop turn a pass arrives (what the handler does).
+        runner.ttl_reset("c")
+        st.write(lambda tx: tx.update_check("c", "passing", "fresh", 0.0))
+        await asyncio.gather(*runner._tasks)
+        assert (st.checks["c"].status, st.checks["c"].output) == ("passing", "fresh")
     finally:
         await runner.stop()
 

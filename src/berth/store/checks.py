@@ -145,18 +145,24 @@ class CheckRunner:
     def _ttl_expired(self, check_id: str) -> None:
         self._ttl_timers.pop(check_id, None)
         now = asyncio.get_running_loop().time()
-        self._spawn(self._apply(check_id, "critical", TTL_EXPIRED, now))
+
+        def expire(tx: Tx) -> bool:
+            # The write runs a loop turn later: a pass that came in between
+            # re-armed the timer and must not be overwritten by this expiry.
+            if check_id in self._ttl_timers:
+                return False
+            return tx.update_check(check_id, "critical", TTL_EXPIRED, now)
+
+        self._spawn(self._record(check_id, expire))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _apply(self, check_id: str, status: Status, output: str, now: float) -> None:
+    async def _record(self, check_id: str, update: Callable[[Tx], bool]) -> None:
         try:
-            await self._write(
-                lambda tx: tx.update_check(check_id, status, output[:MAX_OUTPUT], now)
-            )
+            await self._write(update)
         except Exception:
             log.exception("could not record the result of check %s", check_id)
 
@@ -171,7 +177,7 @@ class CheckRunner:
             async with self._limit:
                 status, output = await self._probe(spec)
             self.probes_run += 1
-            await self._apply(check_id, status, output, loop.time())
+            await self._record(check_id, _update(check_id, status, output, loop.time()))
             await asyncio.sleep(spec.interval_s)
 
     async def _probe(self, spec: CheckSpec) -> tuple[Status, str]:
@@ -253,6 +259,10 @@ class CheckRunner:
                     await self._write(_deregister(service_id, now))
                 except Exception:
                     log.exception("could not reap service %s", service_id)
+
+
+def _update(check_id: str, status: Status, output: str, now: float) -> Callable[[Tx], bool]:
+    return lambda tx: tx.update_check(check_id, status, output[:MAX_OUTPUT], now)
 
 
 def _deregister(service_id: str, now: float) -> Callable[[Tx], bool]:
