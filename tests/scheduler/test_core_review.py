@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from berth.scheduler.state import DEPLOYMENTS, TASKS, app_key
 from tests.scheduler.core_support import Events, await_until, control_plane, http_app
 
 pytestmark = pytest.mark.slow
@@ -31,3 +32,21 @@ async def test_scale_kill_during_a_deployment_supersedes_it(tmp_path: Path) -> N
         await ev.wait_for("deployment_failed", id=stuck.id, timeout=10)
         assert [d.id for d in sched.deployments()] == [dep.id]
         ev.close()
+
+
+async def test_unreadable_state_keys_do_not_stop_recovery(tmp_path: Path) -> None:
+    async with control_plane(tmp_path) as plane:
+        ev = Events(plane.events)
+        dep = await plane.scheduler.create_app(http_app("/keep"))
+        await ev.wait_for("deployment_success", id=dep.id)
+        ev.close()
+        # What an operator (or a half-written external Consul) may leave under our prefix.
+        await plane.store.kv_put(TASKS + "garbage", "not json")
+        await plane.store.kv_put_json(TASKS + "no-id", {"appId": "/keep"})
+        await plane.store.kv_put_json(app_key("/list"), [1, 2])
+        await plane.store.kv_put_json(app_key("/vi"), {"id": "/vi", "cmd": "x", "versionInfo": 1})
+        await plane.store.kv_put_json(DEPLOYMENTS + "bad", {"id": "bad"})
+    async with control_plane(tmp_path) as plane:
+        sched = plane.scheduler
+        assert [a.id for a in sched.apps()] == ["/keep"]
+        await await_until(lambda: sched.status("/keep").healthy == 1, what="the app back")

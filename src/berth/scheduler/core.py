@@ -248,6 +248,9 @@ class Scheduler:
             except models.ValidationFailed as exc:
                 log.error("stored app %s is invalid, skipped: %s", doc.get("id"), exc.details)
                 continue
+            except (AttributeError, TypeError, ValueError) as exc:
+                log.error("stored app %s is unreadable, skipped: %s", doc.get("id"), exc)
+                continue
             self._apps[app.id] = AppRuntime(app)
         # Tasks of a previous control plane died with it; reap any leftover descendant,
         # then report them lost. The reconcile loop starts fresh ones: never two per slot.

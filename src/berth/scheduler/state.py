@@ -9,6 +9,7 @@ leading slash; the stored document is the app's Marathon JSON.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from berth.store.client import StoreClient
+
+log = logging.getLogger("berth.scheduler.state")
 
 PREFIX = "berth/scheduler/"
 APPS = PREFIX + "apps/"
@@ -253,15 +256,22 @@ class StateStore:
         tasks: list[Task] = []
         deployments: list[Deployment] = []
         for entry in entries:
-            doc = entry.json()
-            if doc is None:
-                continue
-            if entry.key.startswith(APPS):
-                apps.append(doc)
-            elif entry.key.startswith(TASKS):
-                tasks.append(Task.from_json(doc))
-            elif entry.key.startswith(DEPLOYMENTS):
-                deployments.append(Deployment.from_json(doc))
+            # One unreadable key (hand-edited, or written by something else) is skipped:
+            # failing here would leave every app unsupervised and the API at 503 for good.
+            try:
+                doc = entry.json()
+                if doc is None:
+                    continue
+                if not isinstance(doc, dict):
+                    raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
+                if entry.key.startswith(APPS):
+                    apps.append(doc)
+                elif entry.key.startswith(TASKS):
+                    tasks.append(Task.from_json(doc))
+                elif entry.key.startswith(DEPLOYMENTS):
+                    deployments.append(Deployment.from_json(doc))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                log.error("scheduler state: skipping unreadable key %s: %s", entry.key, exc)
         return apps, tasks, deployments
 
     async def put_app(self, app_id: str, doc: Mapping[str, Any]) -> None:
