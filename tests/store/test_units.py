@@ -12,8 +12,9 @@ from berth.store.checks import CheckRunner, http_status, reap_due
 from berth.store.definitions import parse_service, parse_session
 from berth.store.errors import BadRequest
 from berth.store.keys import key_problem
-from berth.store.model import Check, CheckSpec, Entry, Service
+from berth.store.model import Check, CheckSpec, Entry, Service, Session
 from berth.store.persist import Persistence
+from berth.store.sessions import SessionTimers
 from berth.store.state import State
 from berth.store.watch import WatchHub
 
@@ -104,6 +105,25 @@ async def test_ttl_pass_in_the_turn_the_timer_fires_wins() -> None:
         assert (st.checks["c"].status, st.checks["c"].output) == ("passing", "fresh")
     finally:
         await runner.stop()
+
+
+async def test_session_renewed_in_the_turn_its_timer_fires_survives() -> None:
+    st = State()
+    session = Session("s", "", "berth", 0, "release", "30s", (), (), 0, 0)
+    st.write(lambda tx: tx.session_create(session))
+
+    async def write(fn: Any) -> Any:
+        return st.write(fn)[0]
+
+    timers = SessionTimers(st, write, 2.0)
+    timers.start()
+    try:
+        timers._expire("s")  # the TTL timer fires...
+        timers.renew("s")  # ...and a renewal answered 200 in the same loop turn
+        await asyncio.gather(*timers._tasks)
+        assert "s" in st.sessions
+    finally:
+        await timers.stop()
 
 
 def test_parse_session() -> None:

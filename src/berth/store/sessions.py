@@ -73,8 +73,16 @@ class SessionTimers:
 
     async def _destroy(self, session_id: str) -> None:
         now = asyncio.get_running_loop().time()
-        log.info("session %s expired; invalidating it", session_id)
+
+        def invalidate(tx: Tx) -> bool:
+            # A renewal answered since the timer fired re-armed it: the client
+            # was told its session lives, so it does.
+            if session_id in self._timers:
+                return False
+            log.info("session %s expired; invalidating it", session_id)
+            return tx.session_destroy(session_id, now)
+
         try:
-            await self._write(lambda tx: tx.session_destroy(session_id, now))
+            await self._write(invalidate)
         except Exception:
             log.exception("could not invalidate session %s", session_id)
