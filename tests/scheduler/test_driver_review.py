@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
+
+import psutil
+import pytest
 
 from berth.scheduler.driver.base import LaunchSpec
 from berth.scheduler.driver.limits import Limiter
@@ -28,3 +35,79 @@ async def test_a_failing_log_file_never_blocks_the_task(tmp_path: Path) -> None:
         assert result.returncode == 0
     finally:
         driver.close()
+
+
+def tagged(task_id: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("MESOS_TASK_ID") == task_id and proc.status() != "zombie":
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_gone(task_id: str, timeout: float = 10) -> bool:
+    # Nothing to await across processes: poll the process table with a deadline.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not tagged(task_id):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+SUPERVISOR = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    from pathlib import Path
+    from berth.scheduler.driver.base import LaunchSpec
+    from berth.scheduler.driver.limits import Limiter
+    from berth.scheduler.driver.process import ProcessDriver
+
+    def spec(task_id, tmp):
+        return LaunchSpec(task_id, "/r", "sleep 300; true", None,
+                          {"MESOS_TASK_ID": task_id}, 0.1, 64.0, tmp / f"{task_id}.log")
+
+    async def main():
+        tmp = Path(sys.argv[1])
+        d = ProcessDriver(tmp / "sb", Limiter("auto"), 1 << 20, 2)
+        await d.launch(spec("r.1", tmp))
+        # The sidecar dies (OOM killer, an operator's kill -9) while r.1 runs.
+        os.kill(d.reaper._proc.pid, signal.SIGKILL)
+        d.reaper._proc.wait()
+        await d.launch(spec("r.2", tmp))
+        print("ready", flush=True)
+        await asyncio.sleep(300)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_respawned_reaper_still_covers_earlier_tasks(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as sup:
+        try:
+            assert sup.stdout is not None
+            assert sup.stdout.readline().strip() == "ready"
+            assert tagged("r.1") and tagged("r.2")
+            sup.send_signal(signal.SIGKILL)
+            sup.wait()
+            # What the shells forked is beyond PDEATHSIG: only the sidecar can kill it.
+            assert wait_gone("r.2")
+            assert wait_gone("r.1")
+        finally:
+            if sup.poll() is None:
+                sup.kill()
+                sup.wait()
+            for task_id in ("r.1", "r.2"):
+                for proc in tagged(task_id):
+                    proc.kill()
+            limiter = Limiter("auto")
+            for task_id in ("r.1", "r.2"):
+                limiter.release(task_id)
+            limiter.close()

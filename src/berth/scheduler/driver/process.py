@@ -191,11 +191,16 @@ class Reaper:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        # The "add" line of every live task: a sidecar started anew (the previous one was
+        # killed) must cover the tasks launched before it too, not only later ones.
+        self._adds: dict[str, str] = {}
 
     def __repr__(self) -> str:
-        return f"<Reaper pid={self._proc.pid if self._proc else None}>"
+        pid = self._proc.pid if self._proc else None
+        return f"<Reaper pid={pid} tasks={len(self._adds)}>"
 
     def _send(self, line: str) -> None:
+        lines = [line]
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen(
                 [sys.executable, str(REAPER)],
@@ -204,17 +209,20 @@ class Reaper:
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
+            lines = list(self._adds.values())
         assert self._proc.stdin is not None
         try:
-            self._proc.stdin.write(line.encode() + b"\n")
+            self._proc.stdin.write("".join(f"{item}\n" for item in lines).encode())
             self._proc.stdin.flush()
         except OSError as exc:
             log.warning("reaper sidecar unavailable (%s); tasks may outlive a crash", exc)
 
     def add(self, task_id: str, pgid: int, procs_files: tuple[str, ...]) -> None:
-        self._send(" ".join(["add", task_id, str(pgid), *procs_files]))
+        self._adds[task_id] = " ".join(["add", task_id, str(pgid), *procs_files])
+        self._send(self._adds[task_id])
 
     def remove(self, task_id: str) -> None:
+        self._adds.pop(task_id, None)
         if self._proc is not None:
             self._send(f"del {task_id}")
 
