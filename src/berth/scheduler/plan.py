@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from berth.scheduler.state import Task, TaskState
+from berth.scheduler.state import Task
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,3 @@ def plan_app(target: Target | None, tasks: Sequence[Task], *, launch_allowed: bo
         delayed=0 if launch_allowed else want,
         reasons=reasons,
     )
-
-
-def is_task_failure(state: TaskState) -> bool:
-    """Terminal states that count towards the launch backoff."""
-    return state in (TaskState.FAILED, TaskState.LOST, TaskState.FINISHED)

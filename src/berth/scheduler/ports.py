@@ -68,8 +68,5 @@ class PortAllocator:
                 return port
         raise NoPortsLeft(f"no free port in {self.low}-{self.high}")
 
-    def hold(self, ports: Iterable[int]) -> None:
-        self._held.update(ports)
-
     def release(self, ports: Iterable[int]) -> None:
         self._held.difference_update(ports)

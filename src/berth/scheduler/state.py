@@ -179,7 +179,6 @@ class Deployment:
     total_steps: int
     # The app definition before the deployment (Marathon JSON), for rollback; None = new app.
     original: dict[str, Any] | None = None
-    started_mono: float = field(default_factory=time.monotonic)
 
     def __repr__(self) -> str:
         actions = [a for step in self.steps for a, _ in step]
