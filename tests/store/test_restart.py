@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
+
+from berth.store.config import StoreConfig
+from berth.store.model import Session
+from berth.store.persist import PersistenceFailed
+from berth.store.server import StoreServer
 from tests.store.conftest import FAST, eventually, serve_store
 
 
@@ -77,3 +84,19 @@ async def test_after_a_failed_commit_nothing_is_applied_or_served(tmp_path: Path
     async with serve_store(tmp_path, **FAST) as rs:
         assert (await rs.http.get("/v1/kv/kept")).status_code == 200
         assert (await rs.http.get("/v1/kv/lost")).status_code == 404
+
+
+async def test_a_commit_landing_during_stop_arms_no_timer(tmp_path: Path) -> None:
+    """A write still committing when stop() begins must not arm a session or
+    check timer after the runners stopped (it would fire into a closed store)."""
+    store = StoreServer(StoreConfig(data_dir=tmp_path))
+    await store.start()
+    session = Session("s", "", "berth", 0, "release", "30s", (), (), 0, 0)
+    pending = asyncio.ensure_future(store.write(lambda tx: tx.session_create(session)))
+    await asyncio.sleep(0)  # applied in memory, its commit under way
+    await store.stop()
+    await pending
+    assert "armed=0" in repr(store.sessions), store.sessions
+    assert "probes=0 ttl=0" in repr(store.checks), store.checks
+    with pytest.raises(PersistenceFailed, match="closed"):
+        await store.write(lambda tx: tx.kv_set("late", b"1", 0))

@@ -128,6 +128,9 @@ class StoreServer:
         # Checked before applying: after a failed commit nothing more may reach
         # memory, or it would be visible yet lost on restart.
         self.persistence.raise_if_failed()
+        if self.lifecycle is Lifecycle.CLOSED:
+            # No writer thread is left to commit it: it would wait forever.
+            raise PersistenceFailed("the store is closed")
         result, changes = self.state.write(fn)
         # Even a write that changed nothing may have answered from writes still
         # being committed: it waits for them too.
@@ -203,6 +206,10 @@ class StoreServer:
 
     def _committed(self, changes: list[Changes]) -> None:
         self.hub.notify(changes)
+        if self.lifecycle in (Lifecycle.CLOSING, Lifecycle.CLOSED):
+            # The runners are stopping or stopped: a timer armed now would fire
+            # into a closed store. start() re-syncs them from the state.
+            return
         for change in changes:
             for (kind, oid), obj in change.objects.items():
                 if kind == "check":
