@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -107,3 +108,35 @@ async def test_a_stalled_upload_gives_its_place_back(start_imageinfo: Callable[.
         assert "running=0 queued=0" in repr(service.shell.pool)
         small = encode(solid(10, 10, RED), ".png")
         assert (await client.put("/", content=small)).status_code == 200
+
+
+def _send_head_and_read(host: str, port: int, head: bytes) -> bytes:
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+async def test_an_endless_request_head_is_cut_off(start_imageinfo: Callable[..., Any]) -> None:
+    # httptools buffered the head without limit: 300 MB of headers took 300 MB of memory.
+    async with start_imageinfo() as (client, _):
+        url = urlsplit(str(client.base_url))
+        assert url.hostname is not None and url.port is not None
+        head = b"PUT / HTTP/1.1\r\nHost: x\r\n" + b"x-filler: " + b"a" * 70_000
+        answer = await asyncio.to_thread(_send_head_and_read, url.hostname, url.port, head)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+        assert b'"error": "headers_too_large"' in answer
+        # A big but reasonable head still works, and so does a head and a large body
+        # arriving in one read.
+        small = encode(solid(10, 10, RED), ".png")
+        response = await client.put("/", content=small, headers={"x-big": "b" * 30_000})
+        assert response.status_code == 200
+        noise = encode(pyvips.Image.gaussnoise(300, 300, sigma=80).cast("uchar"), ".png")
+        assert len(noise) > 70_000
+        request = b"PUT / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        answer = await asyncio.to_thread(
+            _send_head_and_read, url.hostname, url.port, request % len(noise) + noise
+        )
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
