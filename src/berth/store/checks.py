@@ -25,7 +25,7 @@ log = logging.getLogger("berth.store.checks")
 
 R = TypeVar("R")
 Writer = Callable[[Callable[[Tx], Any]], Awaitable[Any]]
-MAX_OUTPUT = 4096
+MAX_OUTPUT = 4096  # Consul's default check_output_max_size
 TTL_EXPIRED = "TTL expired"
 
 

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -442,17 +443,16 @@ def _blocking_timeout(wait: str | None) -> float:
     return seconds + seconds / 16 + 10.0
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str) -> float:
     """Parse a Go duration ("10s", "1m30s", "250ms") into seconds; ValueError if malformed."""
-    import re
-
     text = text.strip()
     if text in ("0", ""):
         return 0.0
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"invalid duration {text!r}")
     return sum(float(n) * _UNITS[u] for n, u in parts)

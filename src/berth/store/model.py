@@ -139,7 +139,7 @@ class Service:
         }
 
     def to_doc(self) -> dict[str, Any]:
-        return {**self.health_doc(), "Tags": list(self.tags)}
+        return self.health_doc()
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Service:

@@ -123,10 +123,6 @@ class Persistence:
         self._thread = threading.Thread(target=self._run, name="berth-store-writer", daemon=True)
         self._thread.start()
 
-    @property
-    def pending(self) -> bool:
-        return self._open is not None or self._inflight is not None
-
     def barrier(self) -> asyncio.Future[None] | None:
         """The future of the newest uncommitted batch, if any (reads wait on it)."""
         batch = self._open or self._inflight

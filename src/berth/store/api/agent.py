@@ -6,22 +6,17 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import Send
 
-from berth.store.api.http import Request, check_consistency, respond
+from berth.store.api.http import Request, check_consistency, require_method, respond
+from berth.store.checks import MAX_OUTPUT
 from berth.store.definitions import fold, parse_check, parse_service
-from berth.store.errors import BadRequest, InvalidState, MethodNotAllowed, NotFound
+from berth.store.errors import BadRequest, InvalidState, NotFound
 from berth.store.model import STATUSES, Check, Service, Status
 
 if TYPE_CHECKING:
     from berth.store.server import StoreServer
 
-MAX_OUTPUT = 4096  # Consul's default check_output_max_size
 SERF_OUTPUT = "Agent alive and reachable"
 TTL_VERBS: dict[str, Status] = {"pass": "passing", "warn": "warning", "fail": "critical"}
-
-
-def _method(req: Request, *allowed: str) -> None:
-    if req.method not in allowed:
-        raise MethodNotAllowed(f"method {req.method} not allowed")
 
 
 def node_doc(store: StoreServer) -> dict[str, Any]:
@@ -127,7 +122,7 @@ def _no_filter(req: Request) -> None:
 
 
 async def handle_health(store: StoreServer, req: Request, send_: Send) -> None:
-    _method(req, "GET")
+    require_method(req, "GET")
     check_consistency(req)
     _no_filter(req)
     rest = req.path[len("/v1/health/") :]
@@ -177,7 +172,7 @@ async def handle_health(store: StoreServer, req: Request, send_: Send) -> None:
 
 
 async def handle_catalog(store: StoreServer, req: Request, send_: Send) -> None:
-    _method(req, "GET")
+    require_method(req, "GET")
     check_consistency(req)
     _no_filter(req)
     rest = req.path[len("/v1/catalog/") :]
@@ -211,16 +206,12 @@ async def handle_catalog(store: StoreServer, req: Request, send_: Send) -> None:
         raise NotFound(f"unknown catalog endpoint {req.path}")
 
 
-def _check_doc(store: StoreServer, check: Check) -> dict[str, Any]:
-    return check.doc(store.config.node_name)
-
-
 async def handle_agent(store: StoreServer, req: Request, send_: Send) -> None:
     rest = req.path[len("/v1/agent/") :]
     state = store.state
     cfg = store.config
     if rest == "services":
-        _method(req, "GET")
+        require_method(req, "GET")
         _no_filter(req)
         doc = {
             s.id: s.agent_doc(cfg.datacenter)
@@ -228,14 +219,14 @@ async def handle_agent(store: StoreServer, req: Request, send_: Send) -> None:
         }
         await respond(send_, 200, store.dumps(doc))
     elif rest == "checks":
-        _method(req, "GET")
+        require_method(req, "GET")
         _no_filter(req)
         docs = {
-            c.id: _check_doc(store, c) for c in sorted(state.checks.values(), key=lambda c: c.id)
+            c.id: c.doc(cfg.node_name) for c in sorted(state.checks.values(), key=lambda c: c.id)
         }
         await respond(send_, 200, store.dumps(docs))
     elif rest == "service/register":
-        _method(req, "PUT")
+        require_method(req, "PUT")
         body = await req.json(cfg.limit_body_bytes)
         if body is None:
             raise BadRequest("Request decode failed: empty body")
@@ -245,13 +236,13 @@ async def handle_agent(store: StoreServer, req: Request, send_: Send) -> None:
         await store.write(lambda tx: tx.register_service(service, checks, replace_checks, now))
         await respond(send_, 200, b"")
     elif rest.startswith("service/deregister/"):
-        _method(req, "PUT")
+        require_method(req, "PUT")
         sid = rest[len("service/deregister/") :]
         now = store.now()
         await store.write(lambda tx: tx.deregister_service(sid, now))
         await respond(send_, 200, b"")
     elif rest.startswith("service/"):
-        _method(req, "GET")
+        require_method(req, "GET")
         found = state.services.get(rest[len("service/") :])
         if found is None:
             raise NotFound(f"unknown service ID: {rest[len('service/') :]}")
@@ -259,7 +250,7 @@ async def handle_agent(store: StoreServer, req: Request, send_: Send) -> None:
     elif rest.startswith("check/"):
         await _check_endpoint(store, req, rest[len("check/") :], send_)
     elif rest == "self":
-        _method(req, "GET")
+        require_method(req, "GET")
         doc = {
             "Config": {
                 "Datacenter": cfg.datacenter,
@@ -302,7 +293,7 @@ def _parse_check_registration(store: StoreServer, body: Any) -> Check:
 
 async def _check_endpoint(store: StoreServer, req: Request, rest: str, send_: Send) -> None:
     verb, _, check_id = rest.partition("/")
-    _method(req, "PUT")
+    require_method(req, "PUT")
     now = store.now()
     if verb == "deregister" and check_id:
         await store.write(lambda tx: tx.deregister_check(check_id, now))
@@ -340,7 +331,7 @@ async def _check_endpoint(store: StoreServer, req: Request, rest: str, send_: Se
 
 
 async def handle_status(store: StoreServer, req: Request, send_: Send) -> None:
-    _method(req, "GET")
+    require_method(req, "GET")
     addr = f"{store.config.advertise_address}:8300"
     if req.path == "/v1/status/leader":
         await respond(send_, 200, store.dumps(addr))

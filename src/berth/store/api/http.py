@@ -16,7 +16,7 @@ import orjson
 from starlette.types import Receive, Send
 
 from berth.store.client import parse_duration
-from berth.store.errors import BadRequest, PayloadTooLarge
+from berth.store.errors import BadRequest, MethodNotAllowed, PayloadTooLarge
 
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
@@ -106,6 +106,11 @@ def wait_param(req: Request, default: float, maximum: float) -> float:
     return min(seconds, maximum) if seconds > 0 else default
 
 
+def require_method(req: Request, *allowed: str) -> None:
+    if req.method not in allowed:
+        raise MethodNotAllowed(f"method {req.method} not allowed")
+
+
 def check_consistency(req: Request) -> None:
     if "stale" in req.query and "consistent" in req.query:
         raise BadRequest("Cannot specify ?stale with ?consistent, conflicting semantics.")
@@ -129,7 +134,3 @@ async def respond(
         headers.extend(extra)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def dumps(doc: Any) -> bytes:
-    return orjson.dumps(doc)

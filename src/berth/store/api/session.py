@@ -6,17 +6,12 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Send
 
-from berth.store.api.http import Request, check_consistency, respond
+from berth.store.api.http import Request, check_consistency, require_method, respond
 from berth.store.definitions import parse_session
-from berth.store.errors import MethodNotAllowed, NotFound
+from berth.store.errors import NotFound
 
 if TYPE_CHECKING:
     from berth.store.server import StoreServer
-
-
-def _method(req: Request, *allowed: str) -> None:
-    if req.method not in allowed:
-        raise MethodNotAllowed(f"method {req.method} not allowed")
 
 
 async def handle(store: StoreServer, req: Request, send_: Send) -> None:
@@ -25,7 +20,7 @@ async def handle(store: StoreServer, req: Request, send_: Send) -> None:
     state = store.state
     cfg = store.config
     if verb == "create" and not sid:
-        _method(req, "PUT")
+        require_method(req, "PUT")
         session = parse_session(
             await req.json(cfg.limit_body_bytes),
             node=cfg.node_name,
@@ -35,19 +30,19 @@ async def handle(store: StoreServer, req: Request, send_: Send) -> None:
         created = await store.write(lambda tx: tx.session_create(session))
         await respond(send_, 200, store.dumps({"ID": created}))
     elif verb == "destroy" and sid:
-        _method(req, "PUT")
+        require_method(req, "PUT")
         now = store.now()
         await store.write(lambda tx: tx.session_destroy(sid, now))
         await respond(send_, 200, b"true")
     elif verb == "renew" and sid:
-        _method(req, "PUT")
+        require_method(req, "PUT")
         renewed = state.sessions.get(sid)
         if renewed is None:
             raise NotFound(f"Session id '{sid}' not found")
         store.sessions.renew(sid)
         await respond(send_, 200, store.dumps([renewed.doc()]), index=state.table_index("sessions"))
     elif verb == "info" and sid:
-        _method(req, "GET")
+        require_method(req, "GET")
         check_consistency(req)
 
         def info() -> tuple[int, list[dict[str, object]]]:
@@ -57,7 +52,7 @@ async def handle(store: StoreServer, req: Request, send_: Send) -> None:
         index, docs = await store.block(req, info, topic="sessions")
         await respond(send_, 200, store.dumps(docs), index=index)
     elif verb in ("list", "node") and (bool(sid) == (verb == "node")):
-        _method(req, "GET")
+        require_method(req, "GET")
         check_consistency(req)
 
         def listing() -> tuple[int, list[dict[str, object]]]:
