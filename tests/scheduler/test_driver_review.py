@@ -111,3 +111,44 @@ def test_a_respawned_reaper_still_covers_earlier_tasks(tmp_path: Path) -> None:
             for task_id in ("r.1", "r.2"):
                 limiter.release(task_id)
             limiter.close()
+
+
+CHECKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from berth.scheduler.driver.process import Reaper
+    from berth.scheduler.health import Probes
+    from berth.scheduler.models import HealthCheck
+
+    async def main():
+        probes = Probes(Reaper())  # what the scheduler passes: its driver's reaper
+        check = HealthCheck(protocol="COMMAND", command="sleep 300", timeout_seconds=300)
+        env = {"MESOS_TASK_ID": "h.1"}
+        probe = asyncio.ensure_future(probes.run(check, "127.0.0.1", None, env))
+        await asyncio.sleep(0.5)
+        print("ready", flush=True)
+        await probe
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_command_health_check_dies_with_a_killed_control_plane(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", CHECKER], stdout=subprocess.PIPE, text=True
+    ) as sup:
+        try:
+            assert sup.stdout is not None
+            assert sup.stdout.readline().strip() == "ready"
+            assert tagged("h.1")
+            sup.send_signal(signal.SIGKILL)
+            sup.wait()
+            assert wait_gone("h.1")
+        finally:
+            if sup.poll() is None:
+                sup.kill()
+                sup.wait()
+            for proc in tagged("h.1"):
+                proc.kill()

@@ -172,7 +172,7 @@ class Scheduler:
 
     async def start(self) -> None:
         """Returns at once: the store may only answer once the control plane serves."""
-        self._probes = Probes()
+        self._probes = Probes(getattr(self.driver, "reaper", None))
         self._runner = asyncio.create_task(self._run(), name="scheduler")
         log.info("scheduler: task limits via %s", self.limits_in_force)
 

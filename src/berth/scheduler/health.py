@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from berth.scheduler.driver.process import Reaper, die_with_parent
 from berth.scheduler.models import HealthCheck
 from berth.scheduler.state import HealthResult, Task, now_iso
 
@@ -37,7 +38,10 @@ class Outcome:
 class Probes:
     """The I/O of health checks, shared by every task (one HTTP client for all)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reaper: Reaper | None = None) -> None:
+        # COMMAND checks are processes too: the driver's reaper sidecar kills what their
+        # shell forked if the control plane dies mid-check (PDEATHSIG reaches only the shell).
+        self._reaper = reaper
         # No keep-alive: like Marathon, every check opens a fresh connection, so a task
         # that stops accepting is noticed.
         limits = httpx.Limits(max_keepalive_connections=0)
@@ -94,6 +98,7 @@ class Probes:
         return Outcome(True)
 
     async def _command(self, command: str, env: Mapping[str, str]) -> Outcome:
+        parent = os.getpid()
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh",
             "-c",
@@ -103,7 +108,12 @@ class Probes:
             stderr=asyncio.subprocess.PIPE,
             env=dict(env),
             start_new_session=True,
+            # A check outliving a killed control plane would run on, timeout unenforced.
+            preexec_fn=lambda: die_with_parent(parent),
         )
+        key = f"health-check.{proc.pid}"
+        if self._reaper is not None:
+            self._reaper.add(key, proc.pid, ())
         try:
             _, err = await proc.communicate()
         except asyncio.CancelledError:
@@ -112,6 +122,9 @@ class Probes:
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise
+        finally:
+            if self._reaper is not None:
+                self._reaper.remove(key)
         if proc.returncode == 0:
             return Outcome(True)
         tail = err.decode("utf-8", "replace").strip()[-200:]

@@ -44,12 +44,17 @@ MAX_LINE = 16 * 1024
 RLIMIT_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"std::bad_alloc", b"out of memory")
 
 
-def _child_setup(parent_pid: int, prepared: Prepared) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """For ``preexec_fn``: the kernel SIGKILLs the child when the control plane dies."""
     # Runs between fork and exec: only syscalls, no allocation-heavy Python.
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
         # The control plane died before prctl took effect: nobody would supervise us.
         os._exit(1)
+
+
+def _child_setup(parent_pid: int, prepared: Prepared) -> None:
+    die_with_parent(parent_pid)
     prepared.apply_in_child()
 
 
