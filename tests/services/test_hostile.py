@@ -140,3 +140,18 @@ async def test_an_endless_request_head_is_cut_off(start_imageinfo: Callable[...,
             _send_head_and_read, url.hostname, url.port, request % len(noise) + noise
         )
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+async def test_a_stalled_request_head_is_closed(start_imageinfo: Callable[..., Any]) -> None:
+    # uvicorn has no timer on a request head: a connection that sends half a head, or
+    # nothing at all, stayed open for ever (slowloris).
+    async with start_imageinfo(timeout_body=0.5) as (client, _):
+        url = urlsplit(str(client.base_url))
+        assert url.hostname is not None and url.port is not None
+        half = b"PUT / HTTP/1.1\r\nHost: x\r\nx-slow: "
+        answer = await asyncio.to_thread(_send_head_and_read, url.hostname, url.port, half)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        assert b'"error": "head_timeout"' in answer
+        silent = await asyncio.to_thread(_send_head_and_read, url.hostname, url.port, b"")
+        assert silent == b""
+        assert (await client.get("/health")).status_code == 200

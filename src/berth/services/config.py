@@ -62,6 +62,7 @@ class ServiceConfig(ComponentConfig):
     timeout_processing: float = Field(default=30.0, gt=0)
     # An upload holds its place in the pool while it arrives: without a bound, a
     # few clients that stall mid-body would keep the service at 503 forever.
+    # The request head gets as long (then 408), so no connection stalls for ever.
     timeout_body: float = Field(default=60.0, gt=0)
     retry_after_seconds: int = Field(default=1, ge=0)
 

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 from berth.controlplane.server import bind
 from berth.services.config import ServiceConfig
 from berth.services.errors import BodyTimeout, Overloaded, ServiceError
-from berth.services.http import BoundedHeadProtocol
+from berth.services.http import bounded_head_protocol
 from berth.services.metrics import ServiceMetrics
 from berth.services.pool import Admission, WorkPool
 from berth.services.upload import Upload, read_upload
@@ -158,7 +158,7 @@ class ServiceServer:
             uvicorn.Config(
                 app,
                 lifespan="off",
-                http=BoundedHeadProtocol,
+                http=bounded_head_protocol(config.timeout_body),
                 loop="none",
                 access_log=False,
                 log_config=None,
