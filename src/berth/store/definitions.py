@@ -39,6 +39,20 @@ def _str(doc: dict[str, Any], name: str, where: str, default: str = "") -> str:
     return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bool(doc: dict[str, Any], name: str, where: str) -> bool:
+    # Consul's decoder refuses "no" or 1 for a bool; truthiness would read "no" as true.
+    value = doc.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{where}: {name} must be true or false")
+    return value
+
+
 def _duration(doc: dict[str, Any], name: str, where: str) -> float:
     value = doc.get(name)
     if value in (None, "", 0):
@@ -92,7 +106,7 @@ def parse_service(body: Any, *, deregister_min_s: float) -> tuple[Service, list[
     weights = DEFAULT_WEIGHTS if weights is None else weights
     w = fold(weights, "Weights")
     passing, warning = w.get("passing", 1), w.get("warning", 1)
-    if not isinstance(passing, int) or not isinstance(warning, int) or passing < 1:
+    if not _is_int(passing) or not _is_int(warning) or passing < 1:
         raise BadRequest("Weights: Passing must be an integer >= 1, Warning an integer")
     tagged = doc.get("taggedaddresses")
     tagged = {} if tagged is None else tagged
@@ -108,7 +122,7 @@ def parse_service(body: Any, *, deregister_min_s: float) -> tuple[Service, list[
         meta=_str_map(doc.get("meta"), "Meta"),
         weights={"Passing": passing, "Warning": warning},
         tagged_addresses=dict(tagged),
-        enable_tag_override=bool(doc.get("enabletagoverride", False)),
+        enable_tag_override=_bool(doc, "enabletagoverride", "service"),
         create_index=0,
         modify_index=0,
     )
@@ -176,7 +190,7 @@ def parse_check(body: Any, service: Service, default_id: str, *, deregister_min_
         interval_s=max(interval, MIN_INTERVAL_S) if interval else 0.0,
         timeout_s=timeout,
         deregister_after_s=deregister,
-        tls_skip_verify=bool(doc.get("tlsskipverify", False)),
+        tls_skip_verify=_bool(doc, "tlsskipverify", where),
     )
     check_status = next(x for x in STATUSES if x == status)
     return Check(
