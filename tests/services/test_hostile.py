@@ -155,3 +155,13 @@ async def test_a_stalled_request_head_is_closed(start_imageinfo: Callable[..., A
         silent = await asyncio.to_thread(_send_head_and_read, url.hostname, url.port, b"")
         assert silent == b""
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_extra_bands_are_dropped_not_an_error(imgprocess: httpx.AsyncClient) -> None:
+    # libvips counts the last of five bands as alpha; a four-value background then failed.
+    five = solid(40, 20, RED).bandjoin([255, 7]).copy(interpretation="multiband")
+    response = await imgprocess.put("/!/rotate/45/format/png", content=encode(five, ".tif"))
+    assert response.status_code == 200, response.text
+    image = pyvips.Image.new_from_buffer(response.content, "")
+    assert image.bands == 4
+    assert image(image.width // 2, image.height // 2)[:3] == [255, 0, 0]

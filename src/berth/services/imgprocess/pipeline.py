@@ -66,6 +66,9 @@ def to_srgb(image: pyvips.Image, honour_icc: bool) -> pyvips.Image:
         image = image.icc_transform("srgb", input_profile="cmyk", intent="perceptual")
     if image.interpretation != "srgb" or image.format != "uchar":
         image = image.colourspace("srgb")
+    if image.bands > 4:
+        # TIFF extra samples: the first is the alpha; savers and fills expect RGB(A).
+        image = image[:4]
     if image.format != "uchar":
         image = image.cast("uchar")
     if has_icc:
