@@ -319,7 +319,9 @@ def deploy(client: MarathonClient, file: Path, force: bool, no_wait: bool, timeo
     existing = client.request("GET", _app_path(app_id), ok_404=True)
     if existing.status_code == 404:
         resp = client.request("POST", "/v2/apps", body=doc)
-        deployment_id = resp.headers.get("Marathon-Deployment-Id", "")
+        # Marathon versions without the header name the deployment in the body only.
+        deployments = resp.json().get("deployments") or [{}]
+        deployment_id = resp.headers.get("Marathon-Deployment-Id") or deployments[0].get("id", "")
         verb = "created"
     else:
         # The file is the whole definition: keys removed from it must go away too.
@@ -416,9 +418,11 @@ def status(client: MarathonClient) -> None:
     """Apps as Marathon's UI shows them, with the memory their tasks use now."""
     apps = client.get("/v2/apps", embed=["apps.counts", "apps.deployments"])["apps"]
     queue = {q["app"]["id"]: q for q in client.get("/v2/queue")["queue"]}
-    usage = client.get("/api/scheduler/usage")
+    # berth's own endpoint; a real Marathon has none, and the table shows "-" for RSS.
+    resp = client.request("GET", "/api/scheduler/usage", ok_404=True)
+    usage = resp.json() if resp.status_code != 404 else None
     rss: dict[str, int] = {}
-    for task in usage["tasks"]:
+    for task in usage["tasks"] if usage else []:
         rss[task["appId"]] = rss.get(task["appId"], 0) + (task["rssBytes"] or 0)
     if not apps:
         click.echo("no apps (deploy one with `berth deploy app.json`)")
@@ -431,14 +435,16 @@ def status(client: MarathonClient) -> None:
             app["id"],
             f"{app.get('cpus', 0):g}",
             _mem(app.get("mem", 0)),
-            _mem(round(rss.get(app["id"], 0) / 2**20, 1)),
+            _mem(round(rss.get(app["id"], 0) / 2**20, 1)) if usage else "-",
             ui_status(app, queue.get(app["id"])),
             f"{app.get('tasksRunning', 0)} of {app.get('instances', 0)}",
             health_summary(app),
         )
     console = Console(width=200)
     console.print(table)
-    console.print(f"task limits enforced by: {LIMITS_TEXT.get(usage['limits'], usage['limits'])}")
+    if usage:
+        limits = usage["limits"]
+        console.print(f"task limits enforced by: {LIMITS_TEXT.get(limits, limits)}")
 
 
 LIMITS_TEXT = {
