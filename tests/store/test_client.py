@@ -68,6 +68,36 @@ async def test_client_errors(tmp_path: Path) -> None:
             await client.kv_get("x")
 
 
+async def test_rate_limited_429_is_retried_not_fatal() -> None:
+    """Consul answers 429 when a client is over its limits: that means "later",
+    so a watch must back off and retry instead of dying."""
+    answers = [
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 12\r\n\r\nrate limited",
+        b"HTTP/1.1 200 OK\r\nX-Consul-Index: 5\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 86\r\n\r\n[{"Key":"p/a","Value":"MQ==","Flags":0,'
+        b'"CreateIndex":5,"ModifyIndex":5,"LockIndex":0}]',
+    ]
+
+    async def consul(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while answers:
+            if not await reader.readuntil(b"\r\n\r\n"):
+                break
+            writer.write(answers.pop(0))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(consul, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with StoreClient(f"http://127.0.0.1:{port}", retry_max_delay=0.1) as client:
+            async for index, entries in client.watch_prefix("p/"):
+                assert index == 5 and [e.value for e in entries] == [b"1"]
+                break
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.slow
 async def test_watch_survives_restart_and_index_reset(tmp_path: Path) -> None:
     sock = bind("127.0.0.1", 0)

@@ -179,7 +179,8 @@ class StoreClient:
         message = resp.text.strip()[:500]
         if resp.status_code == 403:
             raise PermissionDenied(403, message or "permission denied")
-        if resp.status_code >= 500:
+        # 429 is Consul's "over your rate or connection limit": retry later.
+        if resp.status_code >= 500 or resp.status_code == 429:
             raise StoreUnavailable(f"{method} {path}: {resp.status_code} {message}")
         raise StoreRejected(resp.status_code, message)
 

@@ -1,7 +1,7 @@
 """Errors of the store client, grouped by what the caller decides.
 
-``StoreUnavailable``: retry later (network down, 5xx). ``StoreRejected``: the
-request is wrong, do not retry (4xx). ``PermissionDenied``: fix the token.
+``StoreUnavailable``: retry later (network down, 5xx, 429). ``StoreRejected``:
+the request is wrong, do not retry (other 4xx). ``PermissionDenied``: fix the token.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError, ConnectionError):
-    """The store could not be reached or failed (5xx); the call may succeed later."""
+    """The store could not be reached, failed (5xx) or rate-limited us (429); the
+    call may succeed later."""
 
 
 class StoreRejected(StoreError, ValueError):
