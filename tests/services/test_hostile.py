@@ -165,3 +165,13 @@ async def test_extra_bands_are_dropped_not_an_error(imgprocess: httpx.AsyncClien
     image = pyvips.Image.new_from_buffer(response.content, "")
     assert image.bands == 4
     assert image(image.width // 2, image.height // 2)[:3] == [255, 0, 0]
+
+
+async def test_deeply_nested_pipeline_json_is_400(imgprocess: httpx.AsyncClient) -> None:
+    # json.loads raises RecursionError, not ValueError, on deep nesting: it was a 500.
+    data = encode(solid(10, 10, RED), ".png")
+    response = await imgprocess.post(
+        "/pipeline", content=data, headers={"x-pipeline": "[" * 50_000}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["message"].startswith("operations:")

@@ -133,6 +133,8 @@ class ImgProcessService:
                 operations = json.loads(raw)
             except ValueError as exc:
                 raise InvalidParameter("operations", f"is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise InvalidParameter("operations", "is nested too deeply") from None
             plan = parse_pairs(pairs_from_json(operations))
             return await self._run(request, place, upload.data, plan)
 
