@@ -47,6 +47,8 @@ CASES: list[tuple[str, str, dict[str, str], bytes]] = [
     ("PUT", "/v1/kv/k", {"acquire": ""}, b"v"),
     ("GET", "/v1/kv/k", {"index": "1", "wait": "1e400s"}, b""),
     ("GET", "/v1/kv/k", {"index": "-5"}, b""),
+    ("GET", "/v1/kv/k", {"wait": "soon"}, b""),
+    ("GET", "/v1/health/service/k", {"index": "999999", "wait": "10"}, b""),
     ("PUT", "/v1/agent/check/update/x", {}, b'{"Status": ["passing"]}'),
     ("PUT", "/v1/agent/check/explode/x", {}, b""),
     ("GET", "/v1/health/state/sideways", {}, b""),

@@ -157,14 +157,15 @@ class StoreServer:
             raise BadRequest("Invalid index") from None
         if min_index < 0:
             raise BadRequest("Invalid index")
+        # Parsed on every read, blocking or not, as Consul does: a bad wait is a 400.
+        cfg = self.config
+        wait = wait_param(req, cfg.wait_default_s, cfg.wait_max_s)
         index, result = query()
         # An index beyond any this store has issued comes from another store's
         # history (a reset or a different server): answer at once so the client
         # sees the index go backwards and restarts its watch.
         blocking = 0 < min_index <= self.state.index and index <= min_index
         if blocking and self.lifecycle is Lifecycle.RUNNING:
-            cfg = self.config
-            wait = wait_param(req, cfg.wait_default_s, cfg.wait_max_s)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait + random.uniform(0, wait / 16)
             # A blocked reader that hangs up stops waiting at once.
