@@ -175,3 +175,18 @@ async def test_deeply_nested_pipeline_json_is_400(imgprocess: httpx.AsyncClient)
     )
     assert response.status_code == 400, response.text
     assert response.json()["message"].startswith("operations:")
+
+
+async def test_parameters_that_cannot_apply_name_their_key(imgprocess: httpx.AsyncClient) -> None:
+    # These were 400 corrupt_image, blaming the upload for a parameter.
+    data = encode(solid(100, 80, RED), ".png")
+    for params, key in (
+        (f"/watermark/text/{encode_b64(' ')}", "watermark/text:"),
+        (f"/watermark/text/{encode_b64(chr(0x200B))}", "watermark/text:"),
+        ("/canvas/10x10a500a500", "canvas:"),
+    ):
+        response = await imgprocess.put(f"/!{params}", content=data)
+        assert response.status_code == 400, (params, response.text)
+        body = response.json()
+        assert body["error"] == "invalid_parameter", (params, body)
+        assert body["message"].startswith(key), (params, body)

@@ -18,7 +18,7 @@ from typing import Any
 import pyvips
 
 from berth.services.config import ImgProcessConfig
-from berth.services.errors import BadRequest
+from berth.services.errors import BadRequest, InvalidParameter
 from berth.services.imaging import (
     AVIF,
     GIF,
@@ -30,6 +30,7 @@ from berth.services.imaging import (
     probe,
     time_limit,
     vips_errors,
+    vips_message,
 )
 from berth.services.imgprocess import geometry
 from berth.services.imgprocess.negotiate import choose
@@ -120,7 +121,10 @@ def gaussblur(image: pyvips.Image, radius: int, sigma: int) -> pyvips.Image:
 def text_overlay(wm: Watermark) -> pyvips.Image:
     family = FONTS[wm.font]
     # Pango markup is interpreted by libvips: escape so text is only text.
-    mask = pyvips.Image.text(html.escape(wm.source), font=f"{family} {wm.size}", dpi=72)
+    try:
+        mask = pyvips.Image.text(html.escape(wm.source), font=f"{family} {wm.size}", dpi=72)
+    except pyvips.Error as exc:  # blank text: "no text to render"
+        raise InvalidParameter("watermark/text", vips_message(exc)) from None
     pad = 2 if wm.border is not None else 0
     mask = mask.embed(pad, pad, mask.width + 2 * pad, mask.height + 2 * pad)
     r, g, b, a = wm.color
@@ -237,6 +241,12 @@ class FrameOps:
             c = plan.canvas
             x = (c.width - image.width) // 2 if c.x is None else c.x
             y = (c.height - image.height) // 2 if c.y is None else c.y
+            if not (-image.width < x < c.width and -image.height < y < c.height):
+                raise InvalidParameter(
+                    "canvas",
+                    f"offset {x},{y} puts the {image.width}x{image.height} image "
+                    f"outside the {c.width}x{c.height} canvas",
+                )
             if needs_alpha(plan.cvscolor):
                 image = with_alpha(image)
             image = image.embed(
