@@ -197,12 +197,7 @@ class StoreClient:
     ) -> tuple[int, list[KVEntry]]:
         """All entries under ``prefix`` and the index; blocks when ``index`` > 0."""
         params: dict[str, Any] = {"recurse": ""}
-        timeout = None
-        if index > 0:
-            params["index"] = index
-            if wait:
-                params["wait"] = wait
-            timeout = _blocking_timeout(wait)
+        timeout = _blocking(params, index, wait)
         resp = await self._request(
             "GET", f"/v1/kv/{_path(prefix)}", params=params, ok=(200, 404), timeout=timeout
         )
@@ -300,12 +295,7 @@ class StoreClient:
         params: dict[str, Any] = {}
         if passing:
             params["passing"] = ""
-        timeout = None
-        if index > 0:
-            params["index"] = index
-            if wait:
-                params["wait"] = wait
-            timeout = _blocking_timeout(wait)
+        timeout = _blocking(params, index, wait)
         resp = await self._request(
             "GET", f"/v1/health/service/{_segment(name)}", params=params, timeout=timeout
         )
@@ -316,10 +306,7 @@ class StoreClient:
         self, *, index: int = 0, wait: str | None = None
     ) -> tuple[int, dict[str, list[str]]]:
         params: dict[str, Any] = {}
-        timeout = None
-        if index > 0:
-            params.update(index=index, **({"wait": wait} if wait else {}))
-            timeout = _blocking_timeout(wait)
+        timeout = _blocking(params, index, wait)
         resp = await self._request("GET", "/v1/catalog/services", params=params, timeout=timeout)
         return int(resp.headers.get("X-Consul-Index", "0")), dict(resp.json())
 
@@ -438,7 +425,14 @@ class Backoff:
         self.attempt = 0
 
 
-def _blocking_timeout(wait: str | None) -> float:
+def _blocking(params: dict[str, Any], index: int, wait: str | None) -> float | None:
+    """Add ``index`` and ``wait`` to a read's params; the HTTP timeout it needs
+    (None, the client's default, when the read does not block)."""
+    if index <= 0:
+        return None
+    params["index"] = index
+    if wait:
+        params["wait"] = wait
     # The server may hold the request for wait + wait/16 jitter; allow margin.
     seconds = parse_duration(wait) if wait else 300.0
     return seconds + seconds / 16 + 10.0
