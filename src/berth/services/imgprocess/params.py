@@ -177,29 +177,27 @@ def _offset(sign: str, number: str) -> int:
     return int(number) if sign == "a" else -int(number)
 
 
-def _region(key: str, value: str) -> Region:
+def _box(key: str, value: str, low: int) -> tuple[int, int, int | None, int | None]:
+    """``WIDTHxHEIGHT[aXaY]`` of crop, clip and canvas; offsets are None when absent."""
     match = re.fullmatch(rf"(\d{{1,6}})x(\d{{1,6}})(?:{_OFFSET}{_OFFSET})?", value)
     if match is None:
-        raise InvalidParameter(key, f"{value!r} is not WIDTHxHEIGHT[aX aY] (a=+, s=-)")
+        raise InvalidParameter(key, f"{value!r} is not WIDTHxHEIGHT[aXaY] (a=+, s=-)")
     w, h = int(match[1]), int(match[2])
-    if w > MAX_SIDE_PARAM or h > MAX_SIDE_PARAM:
-        raise InvalidParameter(key, f"{w}x{h} is over {MAX_SIDE_PARAM}")
-    x = _offset(match[3], match[4]) if match[3] else 0
-    y = _offset(match[5], match[6]) if match[5] else 0
-    return Region(w, h, x, y)
+    for n in (w, h):
+        if not low <= n <= MAX_SIDE_PARAM:
+            raise InvalidParameter(key, f"{n} is out of range [{low}, {MAX_SIDE_PARAM}]")
+    if not match[3]:
+        return w, h, None, None
+    return w, h, _offset(match[3], match[4]), _offset(match[5], match[6])
+
+
+def _region(key: str, value: str) -> Region:
+    w, h, x, y = _box(key, value, low=0)  # 0 = to the edge
+    return Region(w, h, x or 0, y or 0)
 
 
 def _canvas(key: str, value: str) -> Canvas:
-    match = re.fullmatch(rf"(\d{{1,6}})x(\d{{1,6}})(?:{_OFFSET}{_OFFSET})?", value)
-    if match is None:
-        raise InvalidParameter(key, f"{value!r} is not WIDTHxHEIGHT[aXaY]")
-    w, h = int(match[1]), int(match[2])
-    for n in (w, h):
-        if not 1 <= n <= MAX_SIDE_PARAM:
-            raise InvalidParameter(key, f"{n} is out of range [1, {MAX_SIDE_PARAM}]")
-    if match[3]:
-        return Canvas(w, h, _offset(match[3], match[4]), _offset(match[5], match[6]))
-    return Canvas(w, h)
+    return Canvas(*_box(key, value, low=1))
 
 
 def color(key: str, value: str) -> RGBA:
