@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -190,3 +191,31 @@ async def test_parameters_that_cannot_apply_name_their_key(imgprocess: httpx.Asy
         body = response.json()
         assert body["error"] == "invalid_parameter", (params, body)
         assert body["message"].startswith(key), (params, body)
+
+
+async def test_head_timeout_waits_for_the_response_ahead_of_it(
+    start_imageinfo: Callable[..., Any],
+) -> None:
+    async with start_imageinfo(workers=1, limit_queue=1, timeout_body=0.2) as (client, service):
+        release, started = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            started.set()
+            release.wait(30)
+
+        blocker = asyncio.create_task(service.shell.pool.run(hold))
+        await asyncio.to_thread(started.wait, 30)
+        url = urlsplit(str(client.base_url))
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        small = encode(solid(10, 10, RED), ".png")
+        first = b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(small)
+        writer.write(first + small + b"PUT / HTTP/1.1\r\nHost: x\r\nx-half: ")
+        await writer.drain()
+        # Nothing to await: the head timer has to fire while the first request waits.
+        await asyncio.sleep(1.0)
+        release.set()
+        await blocker
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+        assert b"HTTP/1.1 408 " in answer

@@ -100,6 +100,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_timer = None
         if not self._in_head or self.transport.is_closing():
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head waits behind a request still being answered; the 408
+            # must not overtake that response.
+            self._arm_head_timer()
+            return
         if self._message_begun:
             self._refuse(_TIMEOUT)
         else:
