@@ -69,6 +69,13 @@ async def test_after_a_failed_commit_nothing_is_applied_or_served(tmp_path: Path
     async with serve_store(tmp_path, **FAST) as rs:
         http = rs.http
         assert (await http.put("/v1/kv/kept", content=b"1")).json() is True
+        index = int(
+            (await http.get("/v1/kv/other/", params={"recurse": ""})).headers["X-Consul-Index"]
+        )
+        blocked = asyncio.ensure_future(
+            http.get("/v1/kv/other/", params={"recurse": "", "index": index, "wait": "1s"})
+        )
+        await eventually(lambda: "waiters=1" in repr(rs.store.hub))
         db = rs.store.persistence._db
         assert db is not None
         db.close()  # the disk goes away under the store
@@ -78,6 +85,9 @@ async def test_after_a_failed_commit_nothing_is_applied_or_served(tmp_path: Path
         r = await http.put("/v1/kv/later", content=b"1")
         assert r.status_code == 500
         assert rs.store.state.index == index and "later" not in rs.store.state.kv
+        # A reader that was blocked when the commit failed answers the failure too.
+        r = await blocked
+        assert r.status_code == 500 and "persistence failed" in r.text, r.text
         for path in ("/v1/kv/lost", "/v1/kv/kept", "/v1/agent/services"):
             r = await http.get(path)
             assert r.status_code == 500 and "persistence failed" in r.text, (path, r.text)

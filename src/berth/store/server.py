@@ -200,6 +200,9 @@ class StoreServer:
                 index, result = query()
             finally:
                 gone.cancel()
+        # A commit may have failed while this reader waited: what it would
+        # answer from memory is no longer what the disk holds.
+        self.persistence.raise_if_failed()
         barrier = self.persistence.barrier()
         if barrier is not None:
             await asyncio.shield(barrier)
