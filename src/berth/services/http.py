@@ -48,6 +48,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._message_begun = False
         self._head_timer: asyncio.TimerHandle | None = None
 
+    def __repr__(self) -> str:
+        state = "head" if self._in_head else "body"
+        return f"<BoundedHeadProtocol {state} head_bytes={self._head_bytes}>"
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
