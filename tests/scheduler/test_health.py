@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from berth.scheduler.health import Outcome, Probes, record
+from berth.scheduler.health import Outcome, Probes, next_probe_in, record
 from berth.scheduler.models import HealthCheck
 from berth.scheduler.state import HealthResult
 
@@ -41,6 +41,16 @@ def test_ignored_1xx_changes_nothing() -> None:
     result = HealthResult(alive=True, first_success="t0")
     assert not record(result, Outcome(False, ignored=True), in_grace=False, when="t")
     assert result.alive and result.consecutive_failures == 0
+
+
+def test_fast_probing_only_before_the_first_success_and_within_grace() -> None:
+    check = HealthCheck(interval_seconds=60, grace_period_seconds=300)
+    assert next_probe_in(check, HealthResult(), in_grace=True, initial_seconds=0.25) == 0.25
+    # Never came up and the grace period is over: failures count, at Marathon's pace.
+    assert next_probe_in(check, HealthResult(), in_grace=False, initial_seconds=0.25) == 60
+    up = HealthResult(alive=True, first_success="t")
+    assert next_probe_in(check, up, in_grace=True, initial_seconds=0.25) == 60
+    assert next_probe_in(HealthCheck(interval_seconds=1), HealthResult(), True, 5) == 1
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ Semantics (Marathon's healthCheck.raml): HTTP 200-399 is alive; TCP alive
 when a connection opens; COMMAND alive when it exits 0. Failures inside
 ``gracePeriodSeconds`` are ignored until the first success. After
 ``maxConsecutiveFailures`` counted failures (0 = never) the task is reported
-for killing. One deviation: until a task's first success it is probed every
-``health_initial_probe_seconds`` (at most ``intervalSeconds``), so a fresh task
-turns healthy as soon as it listens rather than up to a full interval later;
-those early failures are in the grace period, so nothing observable changes.
+for killing. One deviation: until a task's first success, and only within its
+grace period, it is probed every ``health_initial_probe_seconds`` (at most
+``intervalSeconds``), so a fresh task turns healthy as soon as it listens rather
+than up to a full interval later; those early failures are ignored anyway, so
+nothing observable changes.
 """
 
 from __future__ import annotations
@@ -152,6 +153,18 @@ def record(result: HealthResult, outcome: Outcome, in_grace: bool, when: str) ->
     return True
 
 
+def next_probe_in(
+    check: HealthCheck, result: HealthResult, in_grace: bool, initial_seconds: float
+) -> float:
+    """Seconds until the next probe (pure). Fast probing must end with the grace
+    period: past it failures count, and at the fast pace a task that never came up
+    would be killed (and flood failed_health_check_event) within a second."""
+    interval = float(check.interval_seconds)
+    if result.first_success is None and in_grace:
+        return min(interval, initial_seconds)
+    return interval
+
+
 OnChange = Callable[[Task, int, HealthResult], None]
 OnFailure = Callable[[Task, int, HealthResult], None]
 OnKill = Callable[[Task, str], None]
@@ -224,7 +237,4 @@ class TaskHealth:
                         f"times: {result.last_failure_cause}",
                     )
                     return
-            interval = float(check.interval_seconds)
-            if result.first_success is None:
-                interval = min(interval, self._initial)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(next_probe_in(check, result, in_grace, self._initial))
