@@ -152,3 +152,53 @@ def test_a_command_health_check_dies_with_a_killed_control_plane(tmp_path: Path)
                 sup.wait()
             for proc in tagged("h.1"):
                 proc.kill()
+
+
+async def test_a_descendant_that_left_the_group_dies_with_the_task_under_rlimits(
+    tmp_path: Path,
+) -> None:
+    # Without cgroups nothing but the inherited MESOS_TASK_ID ties a setsid'd
+    # descendant to its task; it must not outlive the task's end unsupervised.
+    driver = ProcessDriver(tmp_path / "sandboxes", Limiter("rlimit"), 1 << 20, 2)
+    env = {"MESOS_TASK_ID": "s.1"}
+    spec = LaunchSpec(
+        "s.1", "/s", "setsid sleep 300 & sleep 0.3", None, env, 0.5, 256.0, tmp_path / "s.1.log"
+    )
+    try:
+        task = await driver.launch(spec)
+        await task.wait()
+        assert await asyncio.to_thread(wait_gone, "s.1")
+    finally:
+        driver.close()
+        for proc in tagged("s.1"):
+            proc.kill()
+
+
+async def test_the_task_ends_when_its_leader_does_though_a_child_holds_stdout(
+    tmp_path: Path,
+) -> None:
+    # asyncio's Process.wait() also waits for the pipes to close: a background child
+    # holding stdout kept a dead task "running" (never replaced, never cleaned up).
+    driver = ProcessDriver(tmp_path / "sandboxes", Limiter("auto"), 1 << 20, 2)
+    env = {"MESOS_TASK_ID": "b.1"}
+    spec = LaunchSpec(
+        "b.1",
+        "/b",
+        "sleep 300 & echo started; sleep 0.5; exit 3",
+        None,
+        env,
+        0.5,
+        256.0,
+        tmp_path / "b.1.log",
+    )
+    try:
+        task = await driver.launch(spec)
+        async with asyncio.timeout(30):
+            result = await task.wait()
+        assert result.returncode == 3
+        assert await asyncio.to_thread(wait_gone, "b.1")
+        assert "started" in spec.log_path.read_text()
+    finally:
+        driver.close()
+        for proc in tagged("b.1"):
+            proc.kill()

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -58,6 +59,19 @@ def _child_setup(parent_pid: int, prepared: Prepared) -> None:
     prepared.apply_in_child()
 
 
+def kill_tagged(task_id: str) -> int:
+    """SIGKILL every process carrying ``MESOS_TASK_ID=task_id`` (a process-table scan)."""
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("MESOS_TASK_ID") == task_id:
+                proc.kill()
+                killed += 1
+        except (psutil.Error, OSError):
+            continue
+    return killed
+
+
 class ProcessTask:
     """One running task process, its log pumps and its cgroup."""
 
@@ -65,6 +79,7 @@ class ProcessTask:
         self,
         spec: LaunchSpec,
         proc: asyncio.subprocess.Process,
+        outputs: tuple[int, int],
         limiter: Limiter,
         limits_in_force: str,
         tasklog: TaskLog,
@@ -84,9 +99,12 @@ class ProcessTask:
         self._stopping = False
         self._stderr_tail = b""
         self._log_failed = False
+        # Our own pipes, not asyncio's: its Process.wait() also waits for those to close,
+        # so a descendant holding stdout would hide the leader's exit (dead task "running").
+        self._outputs = [os.fdopen(fd, "rb", buffering=0) for fd in outputs]
         self._pumps = [
-            asyncio.ensure_future(self._pump(proc.stdout, "stdout")),
-            asyncio.ensure_future(self._pump(proc.stderr, "stderr")),
+            asyncio.ensure_future(self._pump(self._outputs[0], "stdout")),
+            asyncio.ensure_future(self._pump(self._outputs[1], "stderr")),
         ]
         self._exit: asyncio.Future[Exit] = asyncio.ensure_future(self._supervise())
 
@@ -94,22 +112,27 @@ class ProcessTask:
         state = "exited" if self._exit.done() else "stopping" if self._stopping else "running"
         return f"<ProcessTask {self.spec.task_id} pid={self.pid} {state} {self.limits_in_force}>"
 
-    async def _pump(self, stream: asyncio.StreamReader | None, name: Stream) -> None:
-        if stream is None:
-            return
-        pending = b""
-        while chunk := await stream.read(65536):
-            if name == "stderr":
-                self._stderr_tail = (self._stderr_tail + chunk)[-4096:]
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            pieces = [line + b"\n" for line in lines]
-            while len(pending) >= MAX_LINE:
-                pieces.append(pending[:MAX_LINE])
-                pending = pending[MAX_LINE:]
-            self._write(pieces, name)
-        if pending:
-            self._write([pending], name)
+    async def _pump(self, pipe: IO[bytes], name: Stream) -> None:
+        stream = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stream), pipe
+        )
+        try:
+            pending = b""
+            while chunk := await stream.read(65536):
+                if name == "stderr":
+                    self._stderr_tail = (self._stderr_tail + chunk)[-4096:]
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                pieces = [line + b"\n" for line in lines]
+                while len(pending) >= MAX_LINE:
+                    pieces.append(pending[:MAX_LINE])
+                    pending = pending[MAX_LINE:]
+                self._write(pieces, name)
+            if pending:
+                self._write([pending], name)
+        finally:
+            transport.close()
 
     def _write(self, pieces: list[bytes], name: Stream) -> None:
         # A log that cannot be written (disk full, rotation failing) loses lines; the pump
@@ -141,11 +164,17 @@ class ProcessTask:
         # The task is over when its leader is; nothing it forked may outlive it
         # (as when Mesos tears down a container).
         self._signal_all(signal.SIGKILL)
+        if not self.limits_in_force.startswith("cgroup"):
+            # No cgroup holds what left the process group (setsid): find it by its env.
+            await asyncio.to_thread(kill_tagged, self.spec.task_id)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await asyncio.gather(*self._pumps, return_exceptions=True)
         for pump in self._pumps:
             pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for pipe in self._outputs:
+            pipe.close()  # a pump cancelled before it started never took it over
         self._log.close()
         oom = returncode != 0 and self._limiter.oom_killed(self.spec.task_id)
         limit = "cgroup"
@@ -284,26 +313,37 @@ class ProcessDriver:
         env.update(spec.env)
         tasklog = TaskLog(spec.log_path, self.log_max_size, self.log_max_files)
         parent = os.getpid()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=out_w,
+                stderr=err_w,
                 env=env,
                 cwd=sandbox,
                 start_new_session=True,
                 preexec_fn=lambda: _child_setup(parent, prepared),
             )
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        except BaseException as exc:
+            os.close(out_r)
+            os.close(err_r)
+            if not isinstance(exc, OSError | ValueError | subprocess.SubprocessError):
+                raise
             # ValueError: e.g. a NUL byte in argv/env (models reject those; belt and braces).
             tasklog.write(f"berth: cannot start task: {exc}\n", "stderr")
             tasklog.close()
             self.limiter.release(spec.task_id)
             shutil.rmtree(sandbox, ignore_errors=True)
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc}") from exc
+        finally:
+            os.close(out_w)
+            os.close(err_w)
         self.reaper.add(spec.task_id, proc.pid, prepared.procs_files)
-        task = ProcessTask(spec, proc, self.limiter, prepared.kind, tasklog, sandbox)
+        task = ProcessTask(
+            spec, proc, (out_r, err_r), self.limiter, prepared.kind, tasklog, sandbox
+        )
         task.on_exit(lambda: self.reaper.remove(spec.task_id))
         return task
 
