@@ -108,6 +108,20 @@ def test_container_image_is_stored_and_allows_no_cmd() -> None:
     assert "/container/docker/image" in details(exc)
 
 
+@pytest.mark.parametrize("bad", ["a/../../b", "?x=1#y", "x" * 300, "a b.example", "/web"])
+def test_vhost_labels_must_be_host_names(bad: str) -> None:
+    # They become store keys (berth/gateway/routes/<host>); the store would refuse some
+    # half-way through creating the app.
+    with pytest.raises(ValidationFailed) as exc:
+        parse_app({"id": "v", "cmd": "x", "labels": {"HAPROXY_0_VHOST": f"ok.example,{bad}"}})
+    assert [d["path"] for d in exc.value.details] == ["/labels/HAPROXY_0_VHOST"]
+
+
+def test_vhost_labels_that_are_host_names_pass() -> None:
+    hosts = "img.example.com, IMAGEINFO ,,*.apps.local,api-1.test:8080,my_host"
+    assert parse_app({"id": "v", "cmd": "x", "labels": {"BERTH_VHOST": hosts}}).labels
+
+
 def test_every_error_is_reported_with_its_path() -> None:
     with pytest.raises(ValidationFailed) as exc:
         parse_app(

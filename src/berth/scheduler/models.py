@@ -347,6 +347,22 @@ class _Errors:
         return out
 
 
+# Labels whose comma-separated hosts become gateway routes (registry.py).
+VHOST_LABELS = ("BERTH_VHOST", "HAPROXY_0_VHOST")
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_VHOST = re.compile(rf"(\*\.)?({_LABEL}\.)*{_LABEL}(:[0-9]{{1,5}})?", re.IGNORECASE)
+
+
+def _check_vhosts(labels: Mapping[str, str], errors: _Errors) -> None:
+    # Each host becomes a store key berth/gateway/routes/<host>: anything but a host name
+    # ("a/../b", "?x") would be refused by the store half-way through creating the app.
+    for name in VHOST_LABELS:
+        for host in labels.get(name, "").split(","):
+            host = host.strip()
+            if host and (len(host) > 253 or not _VHOST.fullmatch(host)):
+                errors.add(f"/labels/{name}", f"{host[:80]!r} is not a host name")
+
+
 def _parse_ports(doc: Mapping[str, Any], errors: _Errors) -> tuple[PortDefinition, ...]:
     if "portDefinitions" in doc and doc["portDefinitions"] is not None:
         raw = doc["portDefinitions"]
@@ -524,6 +540,7 @@ def parse_app(doc: Any, *, app_id: str | None = None) -> AppDefinition:
 
     env = errors.string_map(doc, "env")
     labels = errors.string_map(doc, "labels")
+    _check_vhosts(labels, errors)
     instances = errors.integer(doc, "instances", 1, minimum=0, maximum=MAX_INSTANCES)
     cpus = errors.number(doc, "cpus", 1.0, minimum=0.001)
     mem = errors.number(doc, "mem", 128.0, minimum=0)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from berth.scheduler.models import AppDefinition
+from berth.scheduler.models import VHOST_LABELS, AppDefinition
 from berth.scheduler.state import Task
 from berth.store.client import StoreClient
 from berth.store.errors import StoreUnavailable
@@ -28,7 +28,6 @@ from berth.store.errors import StoreUnavailable
 log = logging.getLogger("berth.scheduler.registry")
 
 ROUTES = "berth/gateway/routes/"
-VHOST_LABELS = ("BERTH_VHOST", "HAPROXY_0_VHOST")
 T = TypeVar("T")
 
 
