@@ -8,7 +8,7 @@ import json
 import httpx
 
 from berth.gateway.routes import Route
-from tests.gateway.conftest import read_response
+from tests.gateway.conftest import eventually, read_response
 
 
 async def test_routes_by_host_and_passes_headers(make_gateway, upstreams) -> None:
@@ -92,3 +92,30 @@ async def test_keepalive_and_pipelining_in_order(make_gateway, upstreams) -> Non
     # Upstream connections were reused, not one per request.
     assert gw.server.ctx is not None
     assert gw.server.ctx.pool.opened <= 2
+
+
+async def test_drain_serves_a_request_whose_head_is_still_arriving(make_gateway, upstreams) -> None:
+    # Draining closes idle keep-alive connections, but one in the middle of a
+    # request head is not idle: closing it loses a request the client sent.
+    a = await upstreams("a")
+    gw = await make_gateway()
+    gw.routes.set([], {"svc": [("127.0.0.1", a.port)]})
+    ctx = gw.server.ctx
+    assert ctx is not None
+    r1, w1 = await asyncio.open_connection("127.0.0.1", gw.port)
+    w1.write(b"GET /late HTTP/1.1\r\nHost: svc\r\n")
+    r2, w2 = await asyncio.open_connection("127.0.0.1", gw.port)
+    await eventually(
+        lambda: len(ctx.connections) == 2 and any("head=True" in repr(c) for c in ctx.connections)
+    )
+    stopping = asyncio.create_task(gw.server.stop())
+    try:
+        assert await r2.read() == b""  # the idle one is closed
+        w1.write(b"\r\n")
+        status, headers, body = await read_response(r1)
+        assert status == 200 and json.loads(body)["path"] == "/late"
+        assert headers["connection"] == "close"
+    finally:
+        w1.close()
+        w2.close()
+        await stopping

@@ -144,7 +144,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return (
-            f"<ClientProtocol {self.client_ip} current={self.current!r} "
+            f"<ClientProtocol {self.client_ip} current={self.current!r} head={self._in_head} "
             f"pipeline={len(self.pipeline)} paused={sorted(self._paused)} closing={self.closing}>"
         )
 
@@ -488,7 +488,9 @@ class ClientProtocol(asyncio.Protocol):
             self.pause_reading("drain")
 
     def close_if_idle(self) -> None:
-        if self.current is None and self.parsing is None:
+        # A connection in the middle of a request head is not idle: that
+        # request is answered (with Connection: close), bounded by the header timeout.
+        if self.current is None and self.parsing is None and not self._in_head:
             self.close()
 
     # -- upgrade tunnel -----------------------------------------------------
