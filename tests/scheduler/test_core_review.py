@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from berth.scheduler.state import DEPLOYMENTS, TASKS, app_key
@@ -50,3 +51,21 @@ async def test_unreadable_state_keys_do_not_stop_recovery(tmp_path: Path) -> Non
         sched = plane.scheduler
         assert [a.id for a in sched.apps()] == ["/keep"]
         await await_until(lambda: sched.status("/keep").healthy == 1, what="the app back")
+
+
+async def test_an_app_too_large_for_the_store_is_a_422_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    big = {"A": "x" * 700_000}  # over the store's 512 KiB value limit, under the API's 1 MiB
+    env = {"HEALTH_FILE": "/nonexistent"}  # never healthy: its deployment stays in progress
+    async with control_plane(tmp_path) as plane, httpx.AsyncClient(base_url=plane.url) as client:
+        r = await client.post("/v2/apps", json={"id": "/big", "cmd": "x", "env": big})
+        assert r.status_code == 422, r.text
+        assert r.json()["details"][0]["path"] == "/"
+        assert (await client.get("/v2/apps/big")).status_code == 404
+        stuck = await plane.scheduler.create_app(http_app("/ok", env=env))
+        r = await client.put("/v2/apps/ok", params={"force": "true"}, json={"env": big})
+        assert r.status_code == 422, r.text
+        assert plane.scheduler.app("/ok").env == env  # type: ignore[union-attr]
+        # A refused forced update must not have cancelled the deployment in progress.
+        assert [d.id for d in plane.scheduler.deployments()] == [stuck.id]

@@ -35,6 +35,7 @@ from berth.scheduler.errors import (
     UnknownApp,
     UnknownDeployment,
     UnknownTask,
+    UnsupportedApp,
 )
 from berth.scheduler.events import EventBus
 from berth.scheduler.health import Probes, TaskHealth
@@ -54,7 +55,7 @@ from berth.scheduler.state import (
 )
 from berth.scheduler.usage import task_usage
 from berth.store.client import Backoff, StoreClient
-from berth.store.errors import StoreError
+from berth.store.errors import StoreError, StoreRejected
 
 __all__ = [
     "AppStatus",
@@ -361,7 +362,7 @@ class Scheduler:
                 if existing.deleting:
                     raise AppLocked([self._locks[app.id]] if app.id in self._locks else [])
                 raise AppExists(app.id)
-            await self.state.put_app(app.id, models.to_json(app))
+            await self._put_app(app)
             self._apps[app.id] = AppRuntime(app)
             await self.registry.sync_routes(None, app)
             dep = await self._deploy(
@@ -378,9 +379,12 @@ class Scheduler:
         self.driver.check(app)
         async with self._mutex:
             rt = self._require(app.id)
+            if not force and app.id in self._locks:
+                raise AppLocked([self._locks[app.id]])
+            await self._put_app(app)
+            # Only once the new definition is stored: a refused update cancels nothing.
             await self._unlock(app.id, force)
             old = rt.app
-            await self.state.put_app(app.id, models.to_json(app))
             rt.app = app
             await self.registry.sync_routes(old, app)
             config_change = (
@@ -434,7 +438,7 @@ class Scheduler:
                 for app_id, tasks in by_app.items():
                     rt = self._apps[app_id]
                     app = models.with_instances(rt.app, max(0, rt.app.instances - len(tasks)))
-                    await self.state.put_app(app_id, models.to_json(app))
+                    await self._put_app(app)
                     old, rt.app = rt.app, app
                     # Supersedes (fails) a deployment in progress, as ?force would: left
                     # alone it would stay listed, with nothing ever finishing it.
@@ -479,6 +483,13 @@ class Scheduler:
         rt = self._require(app_id)
         rt.failures, rt.delay_until = 0, None
         self._wake.set()
+
+    async def _put_app(self, app: AppDefinition) -> None:
+        try:
+            await self.state.put_app(app.id, models.to_json(app))
+        except StoreRejected as exc:
+            # e.g. larger than the store's value limit: the definition is the problem.
+            raise UnsupportedApp("/", f"the store refused the app definition: {exc}") from exc
 
     def _require(self, app_id: str) -> AppRuntime:
         rt = self._apps.get(app_id)
