@@ -203,3 +203,19 @@ async def test_post_with_empty_body_keeps_content_length(make_gateway, upstreams
     async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
         r = await client.post("/p", content=b"")
     assert r.status_code == 200 and r.json()["headers"].get("content-length") == "0"
+
+
+async def test_http10_expect_is_ignored(make_gateway, upstreams) -> None:
+    # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is
+    # ignored; HTTP/1.0 clients do not know interim responses.
+    gw, a = await _gw(make_gateway, upstreams)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"PUT /f HTTP/1.0\r\nHost: svc\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await a.app.arrived.wait()
+    writer.write(b"data")
+    data = await reader.read(-1)
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["body_size"] == 4
+    writer.close()

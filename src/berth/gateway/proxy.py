@@ -266,7 +266,7 @@ class ClientProtocol(asyncio.Protocol):
                 ex.content_length = int(value)
             elif lname == b"transfer-encoding":
                 ex.chunked = True
-            elif lname == b"expect":
+            elif lname == b"expect" and not ex.http10:  # RFC 9110 10.1.1: 1.0 ignores it
                 if value.lower() != b"100-continue":
                     ex.error = ExpectationFailed(f"unsupported Expect: {value[:100]!r}")
                 ex.expect_continue = True
