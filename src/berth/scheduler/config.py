@@ -18,7 +18,6 @@ class SchedulerConfig(ComponentConfig):
     # The address tasks bind and are advertised at (catalog, task JSON, $HOST).
     host: str = "127.0.0.1"
     # Used when an app does not set taskKillGracePeriodSeconds.
-    kill_grace_seconds: float = Field(3.0, ge=0)
     # At control-plane shutdown no task gets longer than this to exit after SIGTERM,
     # whatever its taskKillGracePeriodSeconds, so stopping berth stays bounded.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
