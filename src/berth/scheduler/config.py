@@ -17,7 +17,6 @@ class SchedulerConfig(ComponentConfig):
     port_range_max: int = Field(20000, ge=1024, le=65535)
     # The address tasks bind and are advertised at (catalog, task JSON, $HOST).
     host: str = "127.0.0.1"
-    # Used when an app does not set taskKillGracePeriodSeconds.
     # At control-plane shutdown no task gets longer than this to exit after SIGTERM,
     # whatever its taskKillGracePeriodSeconds, so stopping berth stays bounded.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
