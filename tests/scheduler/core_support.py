@@ -150,18 +150,38 @@ class Events:
         raise AssertionError(f"event stream ended before {event_type} {fields}")
 
 
-def task_processes(app_id: str) -> list[psutil.Process]:
-    """Live processes started for ``app_id`` (they all carry MARATHON_APP_ID)."""
+def processes_with_env(name: str, value: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose environment has ``name=value``."""
     found = []
     for proc in psutil.process_iter():
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if proc.environ().get("MARATHON_APP_ID") == app_id:
+            if proc.environ().get(name) == value:
                 found.append(proc)
         except psutil.Error:
             continue
     return found
+
+
+def task_processes(app_id: str) -> list[psutil.Process]:
+    """Live processes started for ``app_id`` (they all carry MARATHON_APP_ID)."""
+    return processes_with_env("MARATHON_APP_ID", app_id)
+
+
+def tagged(task_id: str) -> list[psutil.Process]:
+    """Live processes of one task, descendants included (they carry MESOS_TASK_ID)."""
+    return processes_with_env("MESOS_TASK_ID", task_id)
+
+
+def wait_gone(task_id: str, timeout: float = 10) -> bool:
+    # Nothing to await across processes: poll the process table with a deadline.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not tagged(task_id):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:

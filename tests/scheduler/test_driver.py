@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
@@ -22,7 +21,7 @@ from berth.scheduler.errors import LaunchFailed, UnsupportedApp
 from berth.scheduler.models import parse_app
 from berth.scheduler.ports import NoPortsLeft, PortAllocator
 from berth.scheduler.tasklog import TaskLog, prune
-from tests.scheduler.core_support import await_until
+from tests.scheduler.core_support import await_until, wait_gone
 
 
 @pytest.fixture
@@ -160,27 +159,6 @@ def test_reap_orphans_kills_processes_of_stale_tasks(driver: ProcessDriver, tmp_
         for p in (orphan, bystander):
             p.kill()
             p.wait()
-
-
-def task_processes(task_id: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("MESOS_TASK_ID") == task_id and proc.status() != "zombie":
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def wait_gone(task_id: str, timeout: float = 10) -> bool:
-    # Nothing to await across processes: poll the process table with a deadline.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not task_processes(task_id):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 CHILD = textwrap.dedent(

@@ -7,15 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from berth.scheduler.driver.base import LaunchSpec
 from berth.scheduler.driver.limits import Limiter
 from berth.scheduler.driver.process import ProcessDriver
+from tests.scheduler.core_support import tagged, wait_gone
 
 CHATTY = "import sys\nfor _ in range(2000):\n    sys.stdout.write('x' * 500 + '\\n')\n"
 
@@ -35,27 +34,6 @@ async def test_a_failing_log_file_never_blocks_the_task(tmp_path: Path) -> None:
         assert result.returncode == 0
     finally:
         driver.close()
-
-
-def tagged(task_id: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("MESOS_TASK_ID") == task_id and proc.status() != "zombie":
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def wait_gone(task_id: str, timeout: float = 10) -> bool:
-    # Nothing to await across processes: poll the process table with a deadline.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not tagged(task_id):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 SUPERVISOR = textwrap.dedent(
