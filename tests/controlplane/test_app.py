@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from berth.controlplane.config import ControlPlaneConfig
-from berth.controlplane.server import ControlPlaneServer, PortInUseError, bind
+from berth.controlplane.server import ControlPlaneServer
+from berth.listen import PortInUseError, bind
 
 TOKEN = "s3cret-token-1"
 

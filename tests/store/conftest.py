@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 
 from berth.controlplane.app import ControlPlaneApp
-from berth.controlplane.server import bind
+from berth.listen import bind
 from berth.store.config import StoreConfig
 from berth.store.server import StoreServer
 

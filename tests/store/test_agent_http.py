@@ -9,7 +9,7 @@ import httpx
 import pytest
 import uvicorn
 
-from berth.controlplane.server import bind
+from berth.listen import bind
 from tests.store.conftest import RunningStore, eventually
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from berth.controlplane.server import bind
+from berth.listen import bind
 from berth.store.client import KVEntry, StoreClient
 from berth.store.errors import PermissionDenied, StoreRejected, StoreUnavailable
 from tests.store.conftest import FAST, RunningStore, serve_store

@@ -22,7 +22,8 @@ from berth.gateway.config import GatewayConfig
 @click.pass_obj
 def gateway(obj: dict[str, Any], /, **flags: Any) -> None:
     """Run the gateway: route by Host to upstream clusters from the store."""
-    from berth.gateway.server import PortInUseError, run_gateway
+    from berth.gateway.server import run_gateway
+    from berth.listen import PortInUseError
 
     cfg = configuration.load(GatewayConfig, "gateway", flags, file=obj["config_file"])
     try:

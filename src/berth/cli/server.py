@@ -11,7 +11,8 @@ import click
 from berth import config as configuration
 from berth.cli.runtime import run, run_until_signal
 from berth.controlplane.config import ControlPlaneConfig
-from berth.controlplane.server import ControlPlaneServer, PortInUseError
+from berth.controlplane.server import ControlPlaneServer
+from berth.listen import PortInUseError
 
 log = logging.getLogger("berth.controlplane")
 

@@ -10,7 +10,7 @@ import click
 
 from berth import config as configuration
 from berth.cli.runtime import run, run_until_signal
-from berth.controlplane.server import PortInUseError
+from berth.listen import PortInUseError
 
 log = logging.getLogger("berth.services")
 

@@ -29,7 +29,7 @@ from pydantic import Field
 from berth import config as configuration
 from berth.cli.runtime import run
 from berth.config import ComponentConfig
-from berth.controlplane.server import PortInUseError, bind
+from berth.listen import PortInUseError, bind
 
 log = logging.getLogger("berth.up")
 

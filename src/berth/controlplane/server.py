@@ -4,36 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import uvicorn
 
 from berth.controlplane.app import ControlPlaneApp
 from berth.controlplane.components import build_components
 from berth.controlplane.config import ControlPlaneConfig
+from berth.listen import bind
 
 log = logging.getLogger("berth.controlplane")
-
-
-class PortInUseError(OSError):
-    pass
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only
-    # when proto says TCP; without it every keep-alive response waits ~40 ms
-    # for a delayed ACK (uvloop sets it regardless).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise PortInUseError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 class ControlPlaneServer:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from berth.gateway.config import GatewayConfig
 from berth.gateway.proxy import ClientProtocol, ProxyContext, TableSource
 from berth.gateway.upstream import UpstreamPool
+from berth.listen import bind
 
 if TYPE_CHECKING:
     import uvicorn
@@ -37,26 +38,6 @@ log = logging.getLogger("berth.gateway")
 BACKLOG = 4096
 # How long idle keep-alive connections stay open once draining starts.
 IDLE_DRAIN = 1.0
-
-
-class PortInUseError(OSError):
-    pass
-
-
-def bind(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise PortInUseError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(BACKLOG)
-    sock.setblocking(False)
-    return sock
 
 
 class ServerState(enum.Enum):
@@ -131,7 +112,7 @@ class GatewayServer:
         pool = UpstreamPool(max_idle=cfg.upstream_keepalive, idle_timeout=cfg.upstream_idle_timeout)
         self.ctx = ctx = ProxyContext(cfg, routes, pool, access_log=self.access_log)
         ctx.on_idle = self._on_idle
-        sock = self._sock or bind(cfg.host, cfg.port)
+        sock = self._sock or bind(cfg.host, cfg.port, reuse_port=True, backlog=BACKLOG)
         self.port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -149,7 +130,7 @@ class GatewayServer:
 
         assert self.discovery is not None and self.store is not None
         cfg = self.config
-        sock = self._admin_sock or bind(cfg.admin_host, cfg.admin_port, reuse_port=False)
+        sock = self._admin_sock or bind(cfg.admin_host, cfg.admin_port, backlog=BACKLOG)
         self.admin_port = sock.getsockname()[1]
         app = create_admin_app(self.discovery, cfg, self.store)
         self._admin = uvicorn.Server(
@@ -255,8 +236,8 @@ class Supervisor:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.sock = bind(config.host, config.port)
-        self.admin_sock = bind(config.admin_host, config.admin_port, reuse_port=False)
+        self.sock = bind(config.host, config.port, reuse_port=True, backlog=BACKLOG)
+        self.admin_sock = bind(config.admin_host, config.admin_port, backlog=BACKLOG)
         self.workers: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
 

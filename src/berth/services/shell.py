@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from berth.controlplane.server import bind
+from berth.listen import bind
 from berth.services.config import ServiceConfig
 from berth.services.errors import BodyTimeout, Overloaded, ServiceError
 from berth.services.http import bounded_head_protocol
