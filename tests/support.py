@@ -17,7 +17,12 @@ LISTENING = re.compile(r"listening on (https?://[\w.\[\]:]+)")
 
 
 class BerthProcess:
-    """A running ``berth`` subcommand; its stderr is kept for assertions and failures."""
+    """A running ``berth`` subcommand; its stderr is kept for assertions and failures.
+
+    Ready when a line matches ``ready_line``; its first group becomes ``url``.
+    """
+
+    ready_line: re.Pattern[str] = LISTENING
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
         self.args = list(args)
@@ -42,10 +47,14 @@ class BerthProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-            if self.url is None and (m := LISTENING.search(line)):
+            self._on_line(line)
+            if self.url is None and (m := self.ready_line.search(line)):
                 self.url = m.group(1)
                 self._ready.set()
         self._ready.set()
+
+    def _on_line(self, line: str) -> None:
+        """Runs on the reader thread for every line; subclasses pick out more."""
 
     def wait_ready(self, timeout: float = 30) -> str:
         if not self._ready.wait(timeout) or self.url is None:
@@ -60,8 +69,9 @@ class BerthProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
 
-    def stop(self, timeout: float = 15) -> int:
-        self.signal(signal.SIGTERM)
+    def stop(self, timeout: float = 15, sig: int | None = None) -> int:
+        # None = SIGTERM (the module is shadowed here by the signal() method).
+        self.signal(signal.SIGTERM if sig is None else sig)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,8 @@ import psutil
 import pytest
 import pyvips
 
+from tests.support import BerthProcess
+
 pytestmark = pytest.mark.slow
 
 UP_LINE = re.compile(r"gateway\s+(http://127\.0\.0\.1:\d+)")
@@ -25,64 +25,31 @@ CONTROL_LINE = re.compile(r"control plane\s+(http://127\.0\.0\.1:\d+)")
 ADMIN_LINE = re.compile(r"gateway admin\s+(http://127\.0\.0\.1:\d+)/status")
 
 
-class Up:
+class Up(BerthProcess):
+    """``berth up`` on free ports; ready once its banner names the gateway."""
+
+    ready_line = UP_LINE
+    control: str | None = None
+    admin: str | None = None
+
     def __init__(self, data_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "berth.cli.main",
-                "up",
-                "--data-dir",
-                str(data_dir),
-                "--gateway-port",
-                "0",
-                "--control-port",
-                "0",
-                "--admin-port",
-                "0",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.gateway: str | None = None
-        self.control: str | None = None
-        self.admin: str | None = None
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        ports = ["--gateway-port", "0", "--control-port", "0", "--admin-port", "0"]
+        super().__init__(["up", "--data-dir", str(data_dir), *ports])
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            if (m := CONTROL_LINE.search(line)) and self.control is None:
-                self.control = m.group(1)
-            if (m := ADMIN_LINE.search(line)) and self.admin is None:
-                self.admin = m.group(1)
-            if (m := UP_LINE.search(line)) and self.gateway is None:
-                self.gateway = m.group(1)
-                self.ready.set()
-        self.ready.set()
+    def _on_line(self, line: str) -> None:
+        if self.control is None and (m := CONTROL_LINE.search(line)):
+            self.control = m.group(1)
+        if self.admin is None and (m := ADMIN_LINE.search(line)):
+            self.admin = m.group(1)
 
-    def output(self) -> str:
-        return "\n".join(self.lines[-80:])
+    @property
+    def gateway(self) -> str:
+        assert self.url is not None
+        return self.url
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            code = self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            code = self.proc.wait()
-        self._reader.join(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return code
+    def stop(self, timeout: float = 90, sig: int | None = signal.SIGINT) -> int:
+        # Ctrl-C, as a person stops `make run`; the ordered stop takes a few seconds.
+        return super().stop(timeout, sig)
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -96,8 +63,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 def platform(tmp_path: Path) -> Iterator[Up]:
     up = Up(tmp_path / "data")
     try:
-        assert up.ready.wait(100), up.output()
-        assert up.gateway is not None, up.output()
+        up.wait_ready(100)
         yield up
     finally:
         up.stop()
@@ -177,7 +143,7 @@ def test_up_again_on_the_same_data_dir_resumes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = Up(data)
     try:
-        assert first.ready.wait(100), first.output()
+        first.wait_ready(100)
         assert first.control is not None
         before = {
             a["id"]: a["version"] for a in httpx.get(first.control + "/v2/apps").json()["apps"]
@@ -187,8 +153,8 @@ def test_up_again_on_the_same_data_dir_resumes(tmp_path: Path) -> None:
 
     second = Up(data)
     try:
-        assert second.ready.wait(100), second.output()
-        assert second.control is not None and second.gateway is not None
+        second.wait_ready(100)
+        assert second.control is not None
         apps = httpx.get(second.control + "/v2/apps").json()["apps"]
         # Resumed from the store, not deployed anew: same definitions, same versions.
         assert {a["id"]: a["version"] for a in apps} == before
