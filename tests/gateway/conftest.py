@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,19 +23,11 @@ from berth.gateway.cluster import Cluster, Server
 from berth.gateway.config import GatewayConfig
 from berth.gateway.routes import Route, RoutingTable
 from berth.gateway.server import GatewayServer
+from berth.listen import bind
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-def _listen() -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(512)
-    sock.setblocking(False)
-    return sock
 
 
 class EchoApp:
@@ -152,7 +143,7 @@ class Upstream:
 
 
 async def start_upstream(name: str) -> Upstream:
-    sock = _listen()
+    sock = bind("127.0.0.1", 0, backlog=512)
     app = EchoApp(name)
     server = uvicorn.Server(
         uvicorn.Config(
