@@ -6,6 +6,11 @@ Shapes follow Slardar's status.lua so its users' scripts keep working:
 [...]}`` (every level) and answers ``{"status": 200}``. Unlike Slardar, an
 update is written to the store, so every gateway applies it and a restart
 keeps it (upyun/slardar#45), and writes need the token when one is set.
+
+With ``--workers N`` only worker 0 serves this API; ``/status`` and
+``/metrics`` then show every worker merged (workers.py): counters summed, and
+each server with the worst status any worker sees, that worker's msg and
+fail_num, and which worker it is.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from berth.gateway.cluster import Cluster, Server, ServerStatus, check_to_json, 
 from berth.gateway.config import GatewayConfig
 from berth.gateway.discovery import ROUTES, UPSTREAMS, Discovery, parse_routes_value
 from berth.gateway.routes import HOST_RE, NAME_RE, normalize_host, route_to_json
+from berth.gateway.workers import MergedServer, PeerCollector, WorkersView
 from berth.store.client import StoreClient
 from berth.store.errors import StoreRejected, StoreUnavailable
 
@@ -58,22 +64,38 @@ def _timestamp(epoch: float) -> str:
 # -- read views (pure: table -> JSON) ---------------------------------------------------------
 
 
-def server_status(cluster: Cluster, server: Server, now: float) -> dict[str, Any]:
-    status = server.status
-    msg = server.msg
+def server_status(
+    cluster: Cluster, server: Server, now: float, merged: MergedServer | None = None
+) -> dict[str, Any]:
+    """One server as Slardar shows it; ``merged`` is its state across workers."""
     doc: dict[str, Any] = {
         "server": f"{cluster.name}:{server.address}",
         "address": server.address,
         "weight": server.weight,
         "max_fails": server.max_fails,
         "fail_timeout": server.fail_timeout,
-        "status": status.value,
-        "msg": msg,
-        "fail_num": server.fail_num,
-        "lastmodified": _timestamp(server.lastmodified),
-        "active": server.active,
-        "source": server.source,
     }
+    if merged is None:
+        status = server.status
+        doc |= {
+            "status": status.value,
+            "msg": server.msg,
+            "fail_num": server.fail_num,
+            "lastmodified": _timestamp(server.lastmodified),
+            "active": server.active,
+        }
+    else:
+        status = merged.status
+        doc |= {
+            "status": status.value,
+            "msg": merged.msg,
+            "fail_num": merged.fail_num,
+            "lastmodified": _timestamp(merged.lastmodified),
+            "active": merged.active,
+            "worker": merged.worker,
+            "worker_status": {str(i): st.value for i, st in merged.by_worker.items()},
+        }
+    doc["source"] = server.source
     ej = server.ejection
     if ej is not None and ej.until > now:
         doc["ejection"] = {"by": ej.by, "reason": ej.reason, "until": ej.until}
@@ -82,24 +104,42 @@ def server_status(cluster: Cluster, server: Server, now: float) -> dict[str, Any
     return doc
 
 
-def status_doc(discovery: Discovery, config: GatewayConfig) -> dict[str, Any]:
+def _merged(view: WorkersView | None, cluster: str, server: Server) -> MergedServer | None:
+    return None if view is None else view.servers.get((cluster, server.address))
+
+
+def status_doc(
+    discovery: Discovery, config: GatewayConfig, view: WorkersView | None = None
+) -> dict[str, Any]:
+    """Slardar's /status; with ``view`` (several workers) every worker merged into it.
+    Worker 0's routing table decides which servers are listed: a peer's table
+    differs only while a store change is reaching it."""
     now = time.time()
     table = discovery.table
     doc: dict[str, Any] = {}
     for name in sorted(table.clusters):
         cluster = table.clusters[name]
         doc[f"cls:{name}"] = [
-            [server_status(cluster, s, now) for s in level] for level in cluster.levels
+            [server_status(cluster, s, now, _merged(view, name, s)) for s in level]
+            for level in cluster.levels
         ]
     health = discovery.health
+    checks_done, last_check, alive = health.checks_done, health.last_check_time, health.alive
+    timers = {"worker-0": "alive" if discovery.ready.is_set() else "starting"}
+    if view is not None:
+        checks_done, last_check, alive = view.checks_done, view.last_check_time, view.checker_alive
+        timers = {f"worker-{i}": "missing" for i in range(view.configured)}
+        for snap in view.snapshots:
+            timers[f"worker-{snap.worker}"] = "alive" if snap.ready else "starting"
+        doc["workers"] = workers_doc(view)
     doc.update(
         {
-            "last_check_time": _timestamp(health.last_check_time) if health.checks_done else None,
-            "checkup_timer_alive": health.alive,
+            "last_check_time": _timestamp(last_check) if checks_done else None,
+            "checkup_timer_alive": alive,
             "start_time": _timestamp(discovery.started_at),
             "conf_hash": None,
             "shd_config_version": table.version,
-            "config_timer": {"worker-0": "alive" if discovery.ready.is_set() else "starting"},
+            "config_timer": timers,
             "berth_version": berth.__version__,
             "store": {
                 "url": discovery.store.url,
@@ -110,6 +150,23 @@ def status_doc(discovery: Discovery, config: GatewayConfig) -> dict[str, Any]:
         }
     )
     return doc
+
+
+def workers_doc(view: WorkersView) -> dict[str, Any]:
+    return {
+        "configured": view.configured,
+        "missing": view.missing,
+        "reporting": [
+            {
+                "worker": snap.worker,
+                "pid": snap.pid,
+                "started": _timestamp(snap.started),
+                "requests": sum(snap.metrics.requests.values()),
+                "connections_active": snap.metrics.connections_active,
+            }
+            for snap in view.snapshots
+        ],
+    }
 
 
 def upstream_doc(cluster: Cluster) -> dict[str, Any]:
@@ -139,7 +196,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def health_metrics(discovery: Discovery) -> str:
+def health_metrics(discovery: Discovery, view: WorkersView | None = None) -> str:
     table = discovery.table
     now = time.time()
     out = [
@@ -163,29 +220,52 @@ def health_metrics(discovery: Discovery) -> str:
     for name in sorted(table.clusters):
         for server in table.clusters[name].servers:
             labels = f'cluster="{_label(name)}",server="{_label(server.address)}"'
-            out.append(
-                f"berth_gateway_upstream_server_up{{{labels}}} {int(server.available(mono, now))}"
-            )
-            current = server.status
+            merged = _merged(view, name, server)
+            if merged is None:
+                up, current = server.available(mono, now), server.status
+                active, fails = server.active, server.fail_num
+            else:
+                up, current = merged.up, merged.status
+                active, fails = merged.active, merged.fail_num
+            out.append(f"berth_gateway_upstream_server_up{{{labels}}} {int(up)}")
             for st in ServerStatus:
                 status_lines.append(
                     f'berth_gateway_upstream_server_status{{{labels},status="{st.value}"}} '
                     f"{int(st is current)}"
                 )
-            active_lines.append(f"berth_gateway_upstream_server_active{{{labels}}} {server.active}")
-            fail_lines.append(f"berth_gateway_upstream_server_fails{{{labels}}} {server.fail_num}")
+            active_lines.append(f"berth_gateway_upstream_server_active{{{labels}}} {active}")
+            fail_lines.append(f"berth_gateway_upstream_server_fails{{{labels}}} {fails}")
     out += status_lines + active_lines + fail_lines
+    checks_done = discovery.health.checks_done if view is None else view.checks_done
+    store_up = discovery.store_error is None if view is None else view.store_up
     out += [
         "# HELP berth_gateway_routing_table_version Routing table swaps since start.",
         "# TYPE berth_gateway_routing_table_version gauge",
         f"berth_gateway_routing_table_version {table.version}",
         "# HELP berth_gateway_health_checks_total Active health checks run.",
         "# TYPE berth_gateway_health_checks_total counter",
-        f"berth_gateway_health_checks_total {discovery.health.checks_done}",
+        f"berth_gateway_health_checks_total {checks_done}",
         "# HELP berth_gateway_store_up 1 when the last store watch succeeded.",
         "# TYPE berth_gateway_store_up gauge",
-        f"berth_gateway_store_up {int(discovery.store_error is None)}",
+        f"berth_gateway_store_up {int(store_up)}",
     ]
+    return "\n".join(out) + "\n"
+
+
+def worker_metrics(view: WorkersView) -> str:
+    out = [
+        "# HELP berth_gateway_workers Worker processes: configured, and reporting to this view.",
+        "# TYPE berth_gateway_workers gauge",
+        f'berth_gateway_workers{{state="configured"}} {view.configured}',
+        f'berth_gateway_workers{{state="reporting"}} {len(view.snapshots)}',
+        "# HELP berth_gateway_worker_start_time_seconds When each worker started; its"
+        " counters count from then.",
+        "# TYPE berth_gateway_worker_start_time_seconds gauge",
+    ]
+    for snap in view.snapshots:
+        out.append(
+            f'berth_gateway_worker_start_time_seconds{{worker="{snap.worker}"}} {snap.started:.3f}'
+        )
     return "\n".join(out) + "\n"
 
 
@@ -241,10 +321,18 @@ def merged_upstream(new: dict[str, Any], existing: dict[str, Any] | None) -> dic
 
 
 class AdminApp:
-    def __init__(self, discovery: Discovery, config: GatewayConfig, store: StoreClient) -> None:
+    def __init__(
+        self,
+        discovery: Discovery,
+        config: GatewayConfig,
+        store: StoreClient,
+        workers: PeerCollector | None = None,
+    ) -> None:
         self.discovery = discovery
         self.config = config
         self.store = store
+        # None with one worker: this process's own state is the whole view.
+        self.workers = workers
         self._token = config.token.encode() if config.token else None
 
     def __repr__(self) -> str:
@@ -263,7 +351,8 @@ class AdminApp:
     async def status(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
             return _reply(405, "method not allowed")
-        return JSONResponse(status_doc(self.discovery, self.config))
+        view = await self.workers.view() if self.workers is not None else None
+        return JSONResponse(status_doc(self.discovery, self.config, view))
 
     async def upstreams(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
@@ -283,7 +372,12 @@ class AdminApp:
     async def metrics(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
             return _reply(405, "method not allowed")
-        text = metrics.render() + health_metrics(self.discovery)
+        if self.workers is None:
+            text = metrics.render() + health_metrics(self.discovery)
+        else:
+            view = await self.workers.view()
+            text = view.metrics.render() + health_metrics(self.discovery, view)
+            text += worker_metrics(view)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def upstream(self, request: Request) -> Response:
@@ -409,8 +503,13 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return _reply(404, f"no such endpoint: {request.url.path}")
 
 
-def create_admin_app(discovery: Discovery, config: GatewayConfig, store: StoreClient) -> ASGIApp:
-    admin = AdminApp(discovery, config, store)
+def create_admin_app(
+    discovery: Discovery,
+    config: GatewayConfig,
+    store: StoreClient,
+    workers: PeerCollector | None = None,
+) -> ASGIApp:
+    admin = AdminApp(discovery, config, store, workers)
     methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
     return Starlette(
         routes=[

@@ -1,5 +1,10 @@
 """The gateway's Prometheus metrics (per worker process), rendered as text.
 
+With ``--workers N`` each worker keeps its own registry; ``snapshot`` /
+``from_snapshot`` carry one across processes as JSON and ``merged`` sums
+them (counters, histogram buckets and gauges alike), which is what worker 0's
+admin API renders (see workers.py).
+
 Hand-rolled rather than prometheus_client: every proxied request updates
 about six series, and prometheus_client takes a lock and resolves label
 children on each update, which costs a visible share of the per-request
@@ -10,6 +15,8 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -55,6 +62,56 @@ class Metrics:
     def observe_try(self, cluster: str, outcome: str) -> None:
         self.tries[(cluster, outcome)] += 1
 
+    # -- across workers -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything as plain JSON (tuple keys become lists)."""
+        return {
+            "requests": [[route, status, n] for (route, status), n in self.requests.items()],
+            "latency": {r: {"counts": h.counts, "sum": h.sum} for r, h in self.latency.items()},
+            "tries": [[cluster, outcome, n] for (cluster, outcome), n in self.tries.items()],
+            **{name: getattr(self, name) for name in _SCALARS},
+        }
+
+    @classmethod
+    def from_snapshot(cls, doc: Any) -> Metrics:
+        """The inverse of ``snapshot``; ValueError when the document is not one."""
+        try:
+            m = cls()
+            for route, status, n in doc["requests"]:
+                m.requests[(_str(route), _int(status))] += _int(n)
+            for route, hist in doc["latency"].items():
+                counts = [_int(c) for c in hist["counts"]]
+                if len(counts) != len(LATENCY_BUCKETS) + 1:
+                    raise TypeError("latency: wrong number of buckets")
+                h = m.latency[_str(route)]
+                h.counts = counts
+                h.sum = _num(hist["sum"])
+            for cluster, outcome, n in doc["tries"]:
+                m.tries[(_str(cluster), _str(outcome))] += _int(n)
+            for name in _SCALARS:
+                setattr(m, name, _int(doc[name]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a metrics snapshot: {exc!r}") from None
+        return m
+
+    @classmethod
+    def merged(cls, parts: Iterable[Metrics]) -> Metrics:
+        """One registry summing every part, as nginx-module-vts sums its workers."""
+        total = cls()
+        for m in parts:
+            for key, n in m.requests.items():
+                total.requests[key] += n
+            for route, hist in m.latency.items():
+                into = total.latency[route]
+                into.counts = [a + b for a, b in zip(into.counts, hist.counts, strict=True)]
+                into.sum += hist.sum
+            for tkey, n in m.tries.items():
+                total.tries[tkey] += n
+            for name in _SCALARS:
+                setattr(total, name, getattr(total, name) + getattr(m, name))
+        return total
+
     def render(self) -> str:
         out: list[str] = []
         add = out.append
@@ -96,6 +153,34 @@ class Metrics:
             add(f"# TYPE berth_gateway_{name} {kind}")
             add(f"berth_gateway_{name} {value}")
         return "\n".join(out) + "\n"
+
+
+_SCALARS = (
+    "bytes_in",
+    "bytes_out",
+    "connections_active",
+    "connections_total",
+    "access_log_dropped",
+    "access_log_written",
+)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _num(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
 
 
 def _esc(value: str) -> str:

@@ -6,6 +6,9 @@ A shared socket rather than one socket per worker: when a worker stops, the
 connections waiting in the accept queue stay there for the other workers,
 whereas closing a per-worker SO_REUSEPORT socket resets its queued
 connections. That is what lets a rolling restart (SIGHUP) lose no request.
+
+Each worker keeps its own counters and passive health state; worker 0's admin
+API asks the others for theirs and shows them merged (workers.py).
 """
 
 from __future__ import annotations
@@ -19,11 +22,19 @@ import select
 import signal
 import socket
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from berth.gateway.config import GatewayConfig
 from berth.gateway.proxy import ClientProtocol, ProxyContext, TableSource
 from berth.gateway.upstream import UpstreamPool
+from berth.gateway.workers import (
+    PeerCollector,
+    SnapshotServer,
+    WorkerGroup,
+    WorkerSnapshot,
+    snapshot_of,
+)
 from berth.listen import bind
 
 if TYPE_CHECKING:
@@ -58,9 +69,14 @@ class GatewayServer:
         admin_sock: socket.socket | None = None,
         routes: TableSource | None = None,
         worker: int = 0,
+        group: WorkerGroup | None = None,
     ) -> None:
         self.config = config
         self.worker = worker
+        # The supervisor's workers, when there are several: worker 0 shows them all.
+        self.group = group
+        self.started = time.time()
+        self._answers: SnapshotServer | None = None
         self.state = ServerState.NEW
         self._sock = sock
         self._admin_sock = admin_sock
@@ -120,8 +136,17 @@ class GatewayServer:
         )
         self.state = ServerState.SERVING
         log.info("worker %d listening on %s", self.worker, self.url)
+        if self.group is not None and self.worker != 0 and self.discovery is not None:
+            self._answers = SnapshotServer(
+                self.group, self.worker, lambda: self.snapshot().to_json()
+            )
+            await self._answers.start()
         if self.worker == 0 and self.discovery is not None and self.store is not None:
             await self._start_admin()
+
+    def snapshot(self) -> WorkerSnapshot:
+        assert self.discovery is not None and self.ctx is not None
+        return snapshot_of(self.worker, self.started, self.discovery, self.ctx.metrics)
 
     async def _start_admin(self) -> None:
         import uvicorn
@@ -132,7 +157,10 @@ class GatewayServer:
         cfg = self.config
         sock = self._admin_sock or bind(cfg.admin_host, cfg.admin_port, backlog=BACKLOG)
         self.admin_port = sock.getsockname()[1]
-        app = create_admin_app(self.discovery, cfg, self.store)
+        peers = None
+        if self.group is not None and self.group.count > 1:
+            peers = PeerCollector(self.group, self.snapshot)
+        app = create_admin_app(self.discovery, cfg, self.store, peers)
         self._admin = uvicorn.Server(
             uvicorn.Config(
                 app, lifespan="off", loop="none", access_log=False, log_config=None, http="h11"
@@ -168,6 +196,10 @@ class GatewayServer:
         if self.state in (ServerState.DRAINING, ServerState.STOPPED):
             return
         self.state = ServerState.DRAINING
+        if self._answers is not None:
+            # First, so that a successor with this index (rolling restart) can
+            # answer for it while this one drains.
+            await self._answers.stop()
         ctx = self.ctx
         if self._server is not None:
             self._server.close()
@@ -214,11 +246,12 @@ async def serve_worker(
     sock: socket.socket | None = None,
     admin_sock: socket.socket | None = None,
     worker: int = 0,
+    group: WorkerGroup | None = None,
     ready_fd: int | None = None,
 ) -> None:
     from berth.cli.runtime import run_until_signal
 
-    server = GatewayServer(config, sock=sock, admin_sock=admin_sock, worker=worker)
+    server = GatewayServer(config, sock=sock, admin_sock=admin_sock, worker=worker, group=group)
     await server.start()
     if ready_fd is not None:
         os.write(ready_fd, b"1")
@@ -238,6 +271,7 @@ class Supervisor:
         self.config = config
         self.sock = bind(config.host, config.port, reuse_port=True, backlog=BACKLOG)
         self.admin_sock = bind(config.admin_host, config.admin_port, backlog=BACKLOG)
+        self.group = WorkerGroup.new(config.workers)
         self.workers: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
 
@@ -264,6 +298,7 @@ class Supervisor:
                         sock=self.sock,
                         admin_sock=self.admin_sock if index == 0 else None,
                         worker=index,
+                        group=self.group,
                         ready_fd=wfd,
                     )
                 )
