@@ -10,6 +10,7 @@ import secrets
 import socket
 
 import pytest
+import uvloop
 
 from berth.gateway.cluster import ServerStatus
 from berth.gateway.metrics import LATENCY_BUCKETS, Metrics
@@ -319,3 +320,18 @@ async def test_collector_merges_every_peer(group: WorkerGroup) -> None:
     finally:
         for s in servers:
             await s.stop()
+
+
+def test_sockets_on_uvloop(group: WorkerGroup) -> None:
+    # The gateway runs on uvloop, whose transports differ from asyncio's.
+    async def scenario() -> None:
+        answers = SnapshotServer(group, 1, lambda: snap(1, metrics(3)).to_json())
+        await answers.start()
+        try:
+            view = await PeerCollector(group, lambda: snap(0)).view()
+            assert sum(view.metrics.requests.values()) == 3
+            assert view.missing == [2]
+        finally:
+            await answers.stop()
+
+    uvloop.run(scenario())

@@ -37,7 +37,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from berth.gateway.cluster import ServerStatus
 from berth.gateway.metrics import Metrics
@@ -315,9 +315,10 @@ class _Answer(asyncio.Protocol):
         self._snapshot = snapshot
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        # uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance.
+        writer = cast(asyncio.WriteTransport, transport)
         try:
-            transport.write(self._snapshot())
+            writer.write(self._snapshot())
         except Exception:  # a bug here must not take the worker down
             log.exception("building the worker snapshot failed")
         transport.close()
