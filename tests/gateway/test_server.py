@@ -122,11 +122,16 @@ async def test_store_changes_reach_traffic_under_load_without_failures(
             assert admin is not None, gw.output()
             async with httpx.AsyncClient(base_url=admin.group(1)) as client:
                 status = (await client.get("/status")).json()
-                servers = [s["server"] for level in status["cls:svc"] for s in level]
+                docs = [s for level in status["cls:svc"] for s in level]
+                servers = [s["server"] for s in docs]
                 assert any(str(b.port) in s for s in servers)
                 assert not any(str(a.port) in s for s in servers)
+                # One worker: its own view, as before workers were merged.
+                assert "workers" not in status and "worker" not in docs[0]
+                assert status["config_timer"] == {"worker-0": "alive"}
                 text = (await client.get("/metrics")).text
                 assert 'berth_gateway_requests_total{route="app.test",status="200"}' in text
+                assert "berth_gateway_workers" not in text
         finally:
             assert stop_process(gw) == 0, gw.output()
 
@@ -218,5 +223,17 @@ async def test_rolling_restart_of_workers_loses_no_request(store_url, tmp_path, 
         await eventually(lambda: load.statuses.get(200, 0) > done + 20)
         statuses = await load.stop()
         assert set(statuses) == {200}, statuses
+        # Each successor took over its predecessor's place in the merged view.
+        after = {c.pid for c in psutil.Process(gw.proc.pid).children()}
+        admin = ADMIN.findall(gw.output())[-1]
+        async with httpx.AsyncClient(base_url=admin) as client:
+            async with asyncio.timeout(30):
+                while True:
+                    status = (await client.get("/status")).json()
+                    pids = {w["pid"] for w in status["workers"]["reporting"]}
+                    if pids == after:
+                        break
+                    await asyncio.sleep(0.05)
+            assert status["config_timer"] == {"worker-0": "alive", "worker-1": "alive"}
     finally:
         assert stop_process(gw) == 0, gw.output()
