@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from berth.cli.services import _port_flag
+from berth.services.imaging import Watchdog
 from berth.services.pool import WorkPool
 from tests.support import berth
 
@@ -188,3 +189,17 @@ def test_service_config_layers_and_bad_values(tmp_path: Any) -> None:
         load(ImgProcessConfig, "imgprocess", {"watermark_dir": str(tmp_path / "no")}, env={})
     with pytest.raises(ConfigError, match="workers"):
         load(ImgProcessConfig, "imgprocess", {"workers": 0}, env={})
+
+
+def test_watchdog_fires_in_deadline_order_and_skips_cancelled() -> None:
+    watchdog = Watchdog()
+    fired: list[str] = []
+    done = threading.Event()
+    watchdog.arm(0.4, lambda: fired.append("later"))
+    cancelled = watchdog.arm(0.2, lambda: fired.append("cancelled"))
+    watchdog.cancel(cancelled)
+    assert repr(watchdog) == "<Watchdog armed=1 running=True>"
+    watchdog.arm(0.5, lambda: (fired.append("last"), done.set()))
+    watchdog.arm(0.0, lambda: 1 / 0)  # a failing callback does not stop the thread
+    assert done.wait(10)
+    assert fired == ["later", "last"]
