@@ -6,9 +6,10 @@ import json
 
 import httpx
 
-from berth.gateway.accesslog import AccessLog
+from berth.gateway.accesslog import AccessLog, line
 from berth.gateway.metrics import Metrics
 from berth.gateway.routes import Route
+from tests.gateway.conftest import raw_request
 
 FIELDS = {
     "time", "request_id", "client_ip", "host", "route", "cluster", "method", "path", "status",
@@ -51,13 +52,38 @@ async def test_one_json_line_per_request(make_gateway, upstreams, tmp_path) -> N
     assert second["status"] == 404 and second["route"] == "-" and second["tries"] == 0
 
 
+async def test_hostile_values_still_make_valid_json(make_gateway, upstreams, tmp_path) -> None:
+    """Path, Host, User-Agent and request id come from the client: quotes,
+    backslashes, control-looking escapes and non-UTF-8 bytes must not break the line."""
+    a = await upstreams("a")
+    gw = await make_gateway()
+    gw.routes.set([Route("h.test", "/", "c")], {"c": [("127.0.0.1", a.port)]})
+    ua = b'x"y\\z \xe9\xff {"status": 1}'
+    reply = await raw_request(
+        gw.port,
+        b'GET /a"b\\c?q="1" HTTP/1.1\r\nHost: h.test\r\nUser-Agent: '
+        + ua
+        + b'\r\nX-Request-Id: id"\\1\r\nConnection: close\r\n\r\n',
+    )
+    # (The test upstream itself chokes on the non-UTF-8 header: any status will do.)
+    status = int(reply.split(b" ", 2)[1])
+    assert gw.server.access_log is not None
+    await gw.server.access_log.flush()
+    (text,) = (tmp_path / "logs" / "gateway" / "access.log").read_text("utf-8").splitlines()
+    record = json.loads(text)
+    assert record["path"] == '/a"b\\c?q="1"'
+    assert record["request_id"] == 'id"\\1'
+    assert record["user_agent"] == ua.decode("latin-1")
+    assert record["status"] == record["upstream_status"] == status
+
+
 async def test_rotation_by_size_and_no_loss(tmp_path) -> None:
     path = tmp_path / "access.log"
     metrics = Metrics()
     log = AccessLog(path, max_bytes=2000, backups=3, max_pending=10_000, metrics=metrics)
     await log.start()
     for i in range(200):
-        log.write({"time": 0.0, "n": i, "pad": "x" * 50})
+        log.write(line({"n": i, "pad": "x" * 50}))
     await log.stop()
     files = [path, *(path.with_name(f"access.log.{n}") for n in (1, 2, 3))]
     assert all(f.exists() for f in files)
@@ -76,7 +102,7 @@ async def test_full_buffer_drops_are_counted(tmp_path) -> None:
     )
     # Not started: nothing drains the buffer, so the 11th record on is dropped.
     for i in range(15):
-        log.write({"time": 0.0, "n": i})
+        log.write(line({"n": i}))
     assert metrics.access_log_dropped == 5
     assert "access_log_dropped_total 5" in metrics.render()
     await log.flush()
