@@ -11,6 +11,7 @@ import asyncio
 import enum
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from berth.gateway import limits as limits_mod
@@ -107,7 +108,13 @@ class Exchange:
         self.tries = 0
         self.route_name = ""
         self.cluster_name = ""
-        # One future per attempt: the upstream status once the response is complete.
+        # Each attempt settles once: with the upstream status when the response is
+        # complete, or with the error that ended it. The outcome goes to
+        # ``on_settled`` when set (the proxy's task-free fast path), else to the
+        # future ``wait()`` hands out, created only when someone awaits.
+        self.on_settled: Callable[[int | BaseException], None] | None = None
+        self._settled = True
+        self._outcome: int | BaseException = 0
         self._done: asyncio.Future[int] | None = None
 
     def __repr__(self) -> str:
@@ -158,8 +165,8 @@ class Exchange:
 
     def attach(self, conn: UpstreamConnection, head: bytes, read: float, send: float) -> None:
         """Start one attempt on ``conn``: head, then the body buffered so far."""
-        loop = self.client.loop
-        self._done = loop.create_future()
+        self._settled = False
+        self._done = None
         self.discarding = False
         self.request_sent = True
         self.conn = conn
@@ -263,17 +270,25 @@ class Exchange:
         if self.framing == "chunked" and not self.discarding:
             self.client.write(LAST_CHUNK)
         self.conn = None
-        done = self._done
-        if done is not None and not done.done():
-            if self.upstream_status:
-                done.set_result(self.upstream_status)
-            else:
-                done.set_exception(UpstreamClosed("upstream ended without a response"))
+        if self.upstream_status:
+            self._settle(self.upstream_status)
+        else:
+            self._settle(UpstreamClosed("upstream ended without a response"))
 
     def on_upstream_error(self, conn: UpstreamConnection, exc: UpstreamError) -> None:
         self.conn = None
-        if self._done is not None and not self._done.done():
-            self._done.set_exception(exc)
+        self._settle(exc)
+
+    def _settle(self, outcome: int | BaseException) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        self._outcome = outcome
+        callback, self.on_settled = self.on_settled, None
+        if callback is not None:
+            callback(outcome)
+        elif self._done is not None:
+            _resolve(self._done, outcome)
 
     def cork(self) -> None:
         self.client.cork()
@@ -288,18 +303,29 @@ class Exchange:
         self.client.resume_reading("upstream")
 
     def client_gone(self) -> None:
-        exc = ClientGone("client closed the connection")
-        fut = self._done
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: nobody may be awaiting it any more
+        self._settle(ClientGone("client closed the connection"))
+        if self._done is not None and self._done.done() and not self._done.cancelled():
+            self._done.exception()  # retrieved: nobody may be awaiting it any more
         if self.conn is not None:
             self.conn.abort()
             self.conn = None
 
     def wait(self) -> asyncio.Future[int]:
-        assert self._done is not None
+        """The current attempt's outcome as a future (already done if it is settled)."""
+        if self._done is None:
+            self._done = self.client.loop.create_future()
+            if self._settled:
+                _resolve(self._done, self._outcome)
         return self._done
+
+
+def _resolve(fut: asyncio.Future[int], outcome: int | BaseException) -> None:
+    if fut.done():
+        return
+    if isinstance(outcome, BaseException):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)
 
 
 class ClientBodyFailed(UpstreamError):

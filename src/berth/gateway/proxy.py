@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import httptools
 
 from berth.gateway import limits as limits_mod
+from berth.gateway.accesslog import IsoClock, quote
 from berth.gateway.config import GatewayConfig
 from berth.gateway.errors import (
     BadRequest,
@@ -88,6 +89,7 @@ class ProxyContext:
     connections: set[ClientProtocol] = field(default_factory=set)
     draining: bool = False
     on_idle: Callable[[], None] | None = None  # called when the last connection closes
+    clock: IsoClock = field(default_factory=IsoClock)  # access log timestamps
     # Request ids: random per worker, then a counter (unique without a uuid per request).
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _id_counter: int = 0
@@ -373,16 +375,18 @@ class ClientProtocol(asyncio.Protocol):
             return True
         ex.state = ExchangeState.UPSTREAM
         t = route.timeouts
+        ex.on_settled = lambda outcome: self._fast_done(ex, flight, outcome)
         ex.attach(conn, flight.head, t.read, t.send)
-        ex.wait().add_done_callback(lambda fut: self._fast_done(ex, flight, fut))
         return True
 
-    def _fast_done(self, ex: Exchange, flight: _InFlight, fut: asyncio.Future[int]) -> None:
-        if fut.cancelled() or fut.exception() is not None or ex.discarding:
-            # A retry, an error response or a resend: the coroutine path decides.
+    def _fast_done(self, ex: Exchange, flight: _InFlight, outcome: int | BaseException) -> None:
+        """The fast path's attempt settled (called from the upstream's callbacks)."""
+        if isinstance(outcome, BaseException) or ex.discarding:
+            # A retry, an error response or a resend: the coroutine path decides
+            # (its ``ex.wait()`` returns this same outcome).
             self._task = self.loop.create_task(self._serve(ex, flight))
             return
-        status = fut.result()
+        status = outcome
         ex.detach()
         ex.upstream_time += self.loop.time() - flight.started
         ok = status not in RETRY_STATUSES
@@ -457,6 +461,9 @@ class ClientProtocol(asyncio.Protocol):
         self.closing = True
         if transport is None or transport.is_closing():
             return
+        # The response may still be corked (the exchange can finish from inside
+        # the upstream's read callback): it goes out before the close.
+        self.uncork()
         if first and self._input_unread() and transport.can_write_eof():
             self._linger(transport)
         else:
@@ -883,32 +890,28 @@ class ClientProtocol(asyncio.Protocol):
     def _record(self, ex: Exchange) -> None:
         elapsed = self.loop.time() - ex.started
         route = ex.route_name or "-"
-        self.ctx.metrics.observe_request(
-            route, ex.status, elapsed, ex.body_bytes, ex.response_bytes
-        )
-        if self.ctx.access_log is None:
+        ctx = self.ctx
+        ctx.metrics.observe_request(route, ex.status, elapsed, ex.body_bytes, ex.response_bytes)
+        if ctx.access_log is None:
             return
-        path = ex.url.decode("latin-1")
-        self.ctx.access_log.write(
-            {
-                "time": ex.wall,
-                "request_id": ex.request_id.decode("latin-1"),
-                "client_ip": self.client_ip,
-                "host": ex.host.decode("latin-1"),
-                "route": route,
-                "cluster": ex.cluster_name or "-",
-                "method": ex.method.decode("latin-1"),
-                "path": path,
-                "status": ex.status,
-                "upstream_addr": ex.upstream_addr or "-",
-                "upstream_status": ex.upstream_status or None,
-                "tries": ex.tries,
-                "request_bytes": ex.body_bytes,
-                "response_bytes": ex.response_bytes,
-                "request_time": round(elapsed * 1000, 3),
-                "upstream_time": round(ex.upstream_time * 1000, 3),
-                "user_agent": ex.user_agent.decode("latin-1"),
-            }
+        # Formatted by hand (json's C escaper for every string that is not
+        # ours): json.dumps of a dict costs about three times as much.
+        q = quote
+        ctx.access_log.write(
+            (
+                f'{{"time":"{ctx.clock(ex.wall)}",'
+                f'"request_id":{q(ex.request_id.decode("latin-1"))},'
+                f'"client_ip":{q(self.client_ip)},"host":{q(ex.host.decode("latin-1"))},'
+                f'"route":{q(route)},"cluster":{q(ex.cluster_name or "-")},'
+                f'"method":{q(ex.method.decode("latin-1"))},'
+                f'"path":{q(ex.url.decode("latin-1"))},"status":{ex.status},'
+                f'"upstream_addr":{q(ex.upstream_addr or "-")},'
+                f'"upstream_status":{ex.upstream_status or "null"},"tries":{ex.tries},'
+                f'"request_bytes":{ex.body_bytes},"response_bytes":{ex.response_bytes},'
+                f'"request_time":{elapsed * 1000:.3f},'
+                f'"upstream_time":{ex.upstream_time * 1000:.3f},'
+                f'"user_agent":{q(ex.user_agent.decode("latin-1"))}}}\n'
+            ).encode("utf-8", "replace")
         )
 
 

@@ -267,13 +267,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.IDLE
         # A response that came before the whole request was sent (an early 413,
         # say) leaves the server mid-request: that connection cannot be reused.
-        reusable = self.keep_alive and not self.upgraded and self._sent
-        if sink is not None:
-            sink.on_response_complete(self)
-        if reusable and self.state is ConnState.IDLE:
+        # Back in the pool before the sink hears of it: the sink may start the
+        # client's next (pipelined) request right away, on this connection.
+        if self.keep_alive and not self.upgraded and self._sent:
             self.pool.release(self)
         else:
             self.close()
+        if sink is not None:
+            sink.on_response_complete(self)
 
     def _fail(self, exc: UpstreamError) -> None:
         sink = self.sink
