@@ -15,7 +15,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from berth.gateway import limits as limits_mod
-from berth.gateway.errors import GatewayError, UpstreamClosed, UpstreamError
+from berth.gateway.errors import (
+    GatewayError,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 from berth.gateway.headers import LAST_CHUNK, chunk, client_response_head
 from berth.gateway.upstream import UpstreamConnection
 
@@ -63,6 +68,53 @@ class ExchangeState(enum.Enum):
 
 class Exchange:
     """One request/response through the gateway."""
+
+    # Slots: one Exchange per request, so creating and reading it stays cheap.
+    __slots__ = (
+        "_done",
+        "_outcome",
+        "_settled",
+        "body",
+        "body_bytes",
+        "body_complete",
+        "buffered",
+        "chunked",
+        "client",
+        "cluster_name",
+        "conn",
+        "content_length",
+        "discarding",
+        "error",
+        "expect_continue",
+        "framing",
+        "headers",
+        "host",
+        "http10",
+        "keep_alive",
+        "max_body",
+        "method",
+        "on_settled",
+        "request_id",
+        "request_sent",
+        "response_bytes",
+        "response_started",
+        "retry_allowed",
+        "route_name",
+        "sent",
+        "sent_bytes",
+        "started",
+        "state",
+        "status",
+        "tries",
+        "tunnel",
+        "upgrade",
+        "upstream_addr",
+        "upstream_status",
+        "upstream_time",
+        "url",
+        "user_agent",
+        "wall",
+    )
 
     def __init__(
         self, client: ClientProtocol, method: bytes, url: bytes, request_id: bytes
@@ -207,6 +259,16 @@ class Exchange:
         ):
             # Swallow this response; the retry loop tries the next server.
             self.discarding = True
+        elif conn.codings and self.http10:
+            # RFC 9112 6.1: no Transfer-Encoding to an HTTP/1.0 client, and the
+            # body cannot go without it (it is still gzip-coded, say).
+            codings = conn.codings.decode("latin-1")
+            conn.fail(
+                UpstreamProtocolError(
+                    f"upstream {conn.key} sent Transfer-Encoding {codings!r}, which an"
+                    " HTTP/1.0 client cannot receive"
+                )
+            )
         else:
             self._start_response(conn)
 
@@ -235,8 +297,7 @@ class Exchange:
             framing = "close"
         if (
             framing == "close"
-            or client.closing
-            or client.ctx.draining
+            or client.closes_after_current()
             or (self.upgrade is not None and upgrade is None)
         ):
             self.keep_alive = False
@@ -253,6 +314,8 @@ class Exchange:
                 keep_alive=self.keep_alive,
                 request_id=self.request_id,
                 upgrade=upgrade,
+                http10=self.http10,
+                codings=conn.codings,
             )
         )
 
