@@ -119,3 +119,36 @@ async def test_drain_serves_a_request_whose_head_is_still_arriving(make_gateway,
         w1.close()
         w2.close()
         await stopping
+
+
+async def test_drain_answers_pipelined_requests_already_read(make_gateway, upstreams) -> None:
+    # Requests read behind the one in progress when draining starts are
+    # answered too; only the last response closes the connection.
+    a = await upstreams("a")
+    gw = await make_gateway()
+    gw.routes.set([], {"svc": [("127.0.0.1", a.port)]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    a.app.arrived.clear()
+    writer.write(
+        b"GET /hold HTTP/1.1\r\nHost: svc\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: svc\r\n\r\n"
+        b"GET /third HTTP/1.1\r\nHost: svc\r\n\r\n"
+    )
+    await a.app.arrived.wait()
+    ctx = gw.server.ctx
+    assert ctx is not None
+    await eventually(lambda: any("pipeline=2" in repr(c) for c in ctx.connections))
+    stopping = asyncio.create_task(gw.server.stop())
+    try:
+        await eventually(lambda: ctx.draining)
+        a.app.hold.set()
+        seen = []
+        for _ in range(3):
+            status, headers, body = await read_response(reader)
+            assert status == 200
+            seen.append((json.loads(body)["path"], headers.get("connection")))
+        assert seen == [("/hold", None), ("/second", None), ("/third", "close")]
+        assert await reader.read() == b""
+    finally:
+        writer.close()
+        await stopping

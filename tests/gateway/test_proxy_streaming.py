@@ -219,3 +219,60 @@ async def test_http10_expect_is_ignored(make_gateway, upstreams) -> None:
     assert data.startswith(b"HTTP/1.1 200 ")
     assert json.loads(data.partition(b"\r\n\r\n")[2])["body_size"] == 4
     writer.close()
+
+
+async def test_http10_keep_alive_is_confirmed_and_kept(make_gateway, upstreams) -> None:
+    # An HTTP/1.0 client keeps its connection only when the response says so.
+    gw, _ = await _gw(make_gateway, upstreams)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        for path, host in ((b"/one", b"svc"), (b"/two", b"nowhere.test"), (b"/three", b"svc")):
+            writer.write(
+                b"GET "
+                + path
+                + b" HTTP/1.0\r\nHost: "
+                + host
+                + b"\r\nConnection: keep-alive\r\n\r\n"
+            )
+            status, headers, body = await read_response(reader)
+            assert status == (404 if host == b"nowhere.test" else 200)
+            assert headers["connection"] == "keep-alive"
+            assert "content-length" in headers and "transfer-encoding" not in headers
+            if status == 200:
+                assert json.loads(body)["path"] == path.decode()
+    finally:
+        writer.close()
+
+
+async def _gzip_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"4\r\nGZ01\r\n3\r\nGZ2\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+
+async def test_transfer_codings_besides_chunked_reach_the_client(make_gateway) -> None:
+    up = await RawUpstream(_gzip_chunked).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([], {"svc": [("127.0.0.1", up.port)]})
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        # The body is still gzip-coded: the client is told, with the chunking redone.
+        assert "transfer-encoding: gzip, chunked\r\n" in head
+        parts = []
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            parts.append((await reader.readexactly(size + 2))[:-2])
+        assert b"".join(parts) == b"GZ01GZ2"
+        await reader.readexactly(2)
+        # HTTP/1.0 knows no Transfer-Encoding: such a body cannot be passed on.
+        writer.write(b"GET / HTTP/1.0\r\nHost: svc\r\n\r\n")
+        status, _, body = await read_response(reader)
+        assert status == 502 and "HTTP/1.0" in json.loads(body)["error"]
+        writer.close()
+    finally:
+        await up.stop()

@@ -100,12 +100,17 @@ def client_response_head(
     keep_alive: bool,
     request_id: bytes,
     upgrade: bytes | None = None,
+    http10: bool = False,
+    codings: bytes = b"",
 ) -> bytes:
     """The response head sent to the client.
 
     ``framing`` is "length" (the upstream's Content-Length is kept), "chunked"
     (re-chunked by the gateway), "close" (body ends with the connection) or
-    "none" (HEAD, 204, 304: headers passed as they are).
+    "none" (HEAD, 204, 304: headers passed as they are). ``codings``: transfer
+    codings other than chunked the body still carries (``gzip``), which the
+    client must be told of. An HTTP/1.0 client keeps its connection only when
+    told so (``Connection: keep-alive``).
     """
     drop = HOP_BY_HOP | connection_tokens(headers)
     has_id = False
@@ -123,9 +128,14 @@ def client_response_head(
         lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
         return b"".join(lines)
     if framing == "chunked":
-        lines.append(b"Transfer-Encoding: chunked\r\n")
+        if codings:
+            lines += (b"Transfer-Encoding: ", codings, b", chunked\r\n")
+        else:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
     if not keep_alive or framing == "close":
         lines.append(b"Connection: close\r\n")
+    elif http10:
+        lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
 

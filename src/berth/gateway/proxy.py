@@ -455,6 +455,12 @@ class ClientProtocol(asyncio.Protocol):
             if not self._paused and self.transport is not None and not self.closing:
                 self.transport.resume_reading()
 
+    def closes_after_current(self) -> bool:
+        """Whether this connection closes once the response in progress is out:
+        it is closing, or the gateway drains and no pipelined request (already
+        read, so answered still) waits behind it."""
+        return self.closing or (self.ctx.draining and not self.pipeline)
+
     def close(self) -> None:
         transport = self.transport
         first = not self.closing
@@ -853,8 +859,11 @@ class ClientProtocol(asyncio.Protocol):
         ]
         if error.retry_after is not None:
             lines.append(b"Retry-After: %d\r\n" % error.retry_after)
-        if not ex.keep_alive or self.closing or self.ctx.draining:
+        if not ex.keep_alive or self.closes_after_current():
+            ex.keep_alive = False
             lines.append(b"Connection: close\r\n")
+        elif ex.http10:
+            lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
         ex.status = error.status
         ex.response_started = True
@@ -875,7 +884,7 @@ class ClientProtocol(asyncio.Protocol):
             or not ex.keep_alive
             or self.closing
             or not ex.body_complete
-            or self.ctx.draining
+            or self.closes_after_current()
         ):
             self.close()
             return

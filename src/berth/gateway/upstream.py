@@ -69,6 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunked = False
+        self.codings = b""  # transfer codings other than chunked, as in the response
         self.content_length: int | None = None
         self.keep_alive = True
         self._read_timeout = 0.0
@@ -132,7 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
             if rest and self.sink is not None:
                 self.sink.on_upgraded_data(rest)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"upstream {self.key} sent a bad response: {exc}"))
+            self.fail(UpstreamProtocolError(f"upstream {self.key} sent a bad response: {exc}"))
         finally:
             if sink is not None:
                 sink.uncork()
@@ -174,7 +175,11 @@ class UpstreamConnection(asyncio.Protocol):
             if lname == b"content-length":
                 self.content_length = int(value)
             elif lname == b"transfer-encoding":
-                self.chunked = value.strip().lower().endswith(b"chunked")
+                # "gzip, chunked": the gateway undoes the chunking (and re-chunks
+                # for the client); the other codings stay on the body as sent.
+                codings = [c.strip() for c in value.lower().split(b",")]
+                self.chunked = codings[-1] == b"chunked"
+                self.codings = b", ".join(c for c in codings if c and c != b"chunked")
         if self.sink is not None:
             self.sink.on_response_head(self)
         if self._head_only or status in (204, 304):
@@ -213,6 +218,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.headers = []
         self.chunked = False
+        self.codings = b""
         self.content_length = None
         self._read_timeout = read
         self._send_timeout = send
@@ -276,7 +282,8 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.on_response_complete(self)
 
-    def _fail(self, exc: UpstreamError) -> None:
+    def fail(self, exc: UpstreamError) -> None:
+        """End the exchange with ``exc`` (also for a sink that refuses the response)."""
         sink = self.sink
         self.abort()
         if sink is not None:
@@ -295,12 +302,12 @@ class UpstreamConnection(asyncio.Protocol):
             return
         now = self._loop.time()
         if self.write_paused and now - self._paused_since >= self._send_timeout:
-            self._fail(UpstreamTimeout(f"upstream {self.key} did not accept the request in time"))
+            self.fail(UpstreamTimeout(f"upstream {self.key} did not accept the request in time"))
             return
         if not self._sent:
             self._last_read = now
         elif now - self._last_read >= self._read_timeout:
-            self._fail(
+            self.fail(
                 UpstreamTimeout(f"upstream {self.key} sent nothing for {self._read_timeout:g}s")
             )
             return
