@@ -7,7 +7,7 @@ import json
 
 import httpx
 
-from berth.gateway.routes import Route
+from berth.gateway.routes import Route, Timeouts
 from tests.gateway.conftest import eventually, read_response
 
 
@@ -152,3 +152,28 @@ async def test_drain_answers_pipelined_requests_already_read(make_gateway, upstr
     finally:
         writer.close()
         await stopping
+
+
+async def test_stop_awaits_request_tasks_of_aborted_connections(make_gateway, upstreams) -> None:
+    # A request on the coroutine path (a route with a total timeout) that
+    # outlives the grace period: stop() aborts its connection and returns only
+    # once the request task has finished and logged it (499: client gone).
+    a = await upstreams("a")
+    gw = await make_gateway(shutdown_grace=0.2)
+    gw.routes.set(
+        [Route("svc", "/", "c", timeouts=Timeouts(total=60))], {"c": [("127.0.0.1", a.port)]}
+    )
+    ctx = gw.server.ctx
+    assert ctx is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        a.app.arrived.clear()
+        writer.write(b"GET /hold HTTP/1.1\r\nHost: svc\r\n\r\n")
+        await a.app.arrived.wait()
+        assert len(ctx.tasks) == 1
+        await gw.server.stop()
+        assert not ctx.tasks
+        assert ctx.metrics.requests[("svc", 499)] == 1
+    finally:
+        writer.close()
+        a.app.hold.set()

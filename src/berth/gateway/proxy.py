@@ -87,12 +87,20 @@ class ProxyContext:
         default_factory=limits_mod.ConcurrencyLimiter
     )
     connections: set[ClientProtocol] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # requests on the slow path
     draining: bool = False
     on_idle: Callable[[], None] | None = None  # called when the last connection closes
     clock: IsoClock = field(default_factory=IsoClock)  # access log timestamps
     # Request ids: random per worker, then a counter (unique without a uuid per request).
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _id_counter: int = 0
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A request's coroutine (the slow path), tracked so shutdown can await it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def next_request_id(self) -> bytes:
         self._id_counter += 1
@@ -333,7 +341,7 @@ class ClientProtocol(asyncio.Protocol):
     def _begin(self, ex: Exchange) -> None:
         self.current = ex
         if not self._start_fast(ex):
-            self._task = self.loop.create_task(self._serve(ex))
+            self._task = self.ctx.spawn(self._serve(ex))
 
     def _start_fast(self, ex: Exchange) -> bool:
         """Start the first attempt right here when nothing needs a coroutine (no
@@ -371,7 +379,7 @@ class ClientProtocol(asyncio.Protocol):
         conn = pool.idle_connection(server.host, server.port)
         flight = _InFlight(route, cluster, server, self._request_head(ex), conn, self.loop.time())
         if conn is None:
-            self._task = self.loop.create_task(self._serve(ex, flight))
+            self._task = self.ctx.spawn(self._serve(ex, flight))
             return True
         ex.state = ExchangeState.UPSTREAM
         t = route.timeouts
@@ -384,7 +392,7 @@ class ClientProtocol(asyncio.Protocol):
         if isinstance(outcome, BaseException) or ex.discarding:
             # A retry, an error response or a resend: the coroutine path decides
             # (its ``ex.wait()`` returns this same outcome).
-            self._task = self.loop.create_task(self._serve(ex, flight))
+            self._task = self.ctx.spawn(self._serve(ex, flight))
             return
         status = outcome
         ex.detach()

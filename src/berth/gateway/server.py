@@ -49,6 +49,8 @@ log = logging.getLogger("berth.gateway")
 BACKLOG = 4096
 # How long idle keep-alive connections stay open once draining starts.
 IDLE_DRAIN = 1.0
+# How long request tasks get to finish once their connections are aborted.
+TASK_GRACE = 1.0
 
 
 class ServerState(enum.Enum):
@@ -221,6 +223,14 @@ class GatewayServer:
                 log.warning("grace period over: aborting %d connections", len(left))
                 for conn in left:
                     conn.abort()
+            # Aborted exchanges settle as "client gone" and their tasks log them
+            # (499) on the next turns of the loop: wait for that, briefly.
+            if ctx.tasks:
+                _, pending = await asyncio.wait(ctx.tasks, timeout=TASK_GRACE)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending)
             ctx.pool.close()
         if self._admin is not None:
             self._admin.should_exit = True
