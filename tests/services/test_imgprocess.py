@@ -142,6 +142,13 @@ async def test_resize_modes(imgprocess: httpx.AsyncClient) -> None:
             assert_quadrants(image)
 
 
+async def test_tiny_jpeg_to_one_pixel(imgprocess: httpx.AsyncClient) -> None:
+    # The shrink-on-load factor once rounded the size up: 1/8 of 5x3 is no image at all.
+    image = await image_of(imgprocess, jpeg(solid(5, 3, RED)), "/fw/1")
+    assert (image.width, image.height) == (1, 1)
+    assert close(pixel(image, 0, 0), RED)
+
+
 async def test_both_and_sq_crop_the_centre(imgprocess: httpx.AsyncClient) -> None:
     # Left third red, middle green, right third blue: a centre crop keeps only green.
     third = 300

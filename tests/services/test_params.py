@@ -223,6 +223,9 @@ def test_jpeg_shrink_leaves_at_least_the_target() -> None:
     # Covering 500x500 from 6000x4000 needs 750x500 before the crop.
     assert geometry.jpeg_shrink(6000, 4000, Target(500, 500, "cover")) == 8
     assert geometry.jpeg_shrink(6000, 4000, Target(600, 600, "cover")) == 4
+    # libvips rounds a shrunk size down (and refuses 0): 5x3 at 1/4 would be 1x0.
+    assert geometry.jpeg_shrink(5, 3, Target(1, 1)) == 2
+    assert geometry.jpeg_shrink(1003, 1000, Target(251, 250)) == 2
 
 
 def test_region_box_gravity_and_clamping() -> None:

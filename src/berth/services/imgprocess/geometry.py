@@ -90,8 +90,9 @@ def jpeg_shrink(w: int, h: int, target: Target) -> int:
         # Covering scales both sides by the larger factor before the crop.
         factor = max(target.width / w, target.height / h)
         need_w, need_h = math.ceil(w * factor), math.ceil(h * factor)
+    # libvips drops the last, partial block of a shrunk JPEG: its size is rounded down.
     for shrink in (8, 4, 2):
-        if math.ceil(w / shrink) >= need_w and math.ceil(h / shrink) >= need_h:
+        if w // shrink >= need_w and h // shrink >= need_h:
             return shrink
     return 1
 

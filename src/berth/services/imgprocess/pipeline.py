@@ -32,7 +32,7 @@ from berth.services.imaging import (
     vips_errors,
     vips_message,
 )
-from berth.services.imgprocess import geometry
+from berth.services.imgprocess import geometry, pillow_jpeg
 from berth.services.imgprocess.negotiate import choose
 from berth.services.imgprocess.params import FONTS, RGBA, Plan, Watermark
 
@@ -298,6 +298,10 @@ def load(
         options["n"] = -1
     if target is not None and found.format is JPEG:
         shrink = geometry.jpeg_shrink(width, height, target)
+        if shrink > 1 and plan.strip and not plan.exifswitch:
+            fast = pillow_jpeg.decode_shrunk(data, found, shrink)
+            if fast is not None:
+                return fast, target
         if shrink > 1:
             options["shrink"] = shrink
     elif target is not None and found.format is WEBP:
