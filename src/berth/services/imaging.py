@@ -151,6 +151,37 @@ def probe(data: bytes, config: ServiceConfig) -> Probe:
     return Probe(fmt, image, width, height, frames, orientation if 1 <= orientation <= 8 else 1)
 
 
+# Whether this libvips decodes HEVC: None until the first HEIC upload tells.
+_hevc_decodes: bool | None = None
+
+
+def check_decodable(found: Probe) -> None:
+    """415 for an image whose header libvips reads but whose pixels it cannot decode.
+
+    pyvips-binary's libheif decodes AV1 (AVIF) but has no HEVC decoder
+    (libde265), so a HEIC's header loads and its pixels do not. The first HEIC
+    decides, by decoding one pixel, so a libvips built with HEVC support is used
+    as it is. Only processing needs this: imageinfo describes HEIC from the header.
+    """
+    global _hevc_decodes
+    if found.format is not HEIC or _hevc_decodes:
+        return
+    if _hevc_decodes is None:
+        try:
+            found.image.crop(0, 0, 1, 1).avg()
+        except pyvips.Error as exc:
+            if "HEVC" not in f"{exc.message} {exc.detail}":
+                raise CorruptImage(f"cannot read image: {vips_message(exc)}") from None
+            _hevc_decodes = False
+        else:
+            _hevc_decodes = True
+            return
+    raise NotAnImage(
+        "HEIC (HEVC) images are not supported: this libvips has no HEVC decoder; "
+        "send JPEG, PNG, WebP, AVIF, GIF or TIFF"
+    )
+
+
 def check_limits(width: int, height: int, frames: int, config: ServiceConfig) -> None:
     if width > config.limit_width or height > config.limit_height:
         raise ImageTooLarge(

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from berth.services.config import ImgProcessConfig
 from berth.services.errors import BadRequest, InvalidParameter, ServiceError
-from berth.services.imaging import init_vips, probe
+from berth.services.imaging import check_decodable, init_vips, probe
 from berth.services.imgprocess import pipeline
 from berth.services.imgprocess.params import Plan, encode_b64, parse, parse_pairs
 from berth.services.pool import Admission
@@ -92,7 +92,8 @@ class ImgProcessService:
         except OSError:
             raise InvalidParameter(key, f"no watermark image {path!r}") from None
         try:
-            probe(data, self.config)  # the same limits as an upload: it is a file of unknown origin
+            # The same limits as an upload: it is a file of unknown origin.
+            check_decodable(probe(data, self.config))
         except ServiceError as exc:
             # About the parameter, not the upload: "body is not an image" would mislead.
             raise InvalidParameter(key, f"{path!r}: {exc.message}") from None

@@ -27,6 +27,7 @@ from berth.services.imaging import (
     WEBP,
     Format,
     Probe,
+    check_decodable,
     probe,
     time_limit,
     vips_errors,
@@ -353,6 +354,7 @@ def process(
 ) -> Output:
     with vips_errors("cannot process image"):
         found = probe(data, config)
+        check_decodable(found)
         animated_in = found.frames > 1 and found.format in (GIF, WEBP)
         has_alpha = bool(found.image.hasalpha())
         fmt, vary = choose(
