@@ -219,3 +219,30 @@ async def test_head_timeout_waits_for_the_response_ahead_of_it(
         writer.close()
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
         assert b"HTTP/1.1 408 " in answer
+
+
+async def test_metrics_count_what_the_protocol_answers_itself(
+    start_imageinfo: Callable[..., Any],
+) -> None:
+    # 431, 408 and the parser's 400 are sent before the application sees a request;
+    # /metrics once counted none of them.
+    async with start_imageinfo(timeout_body=0.5) as (client, _):
+        url = urlsplit(str(client.base_url))
+        assert url.hostname is not None and url.port is not None
+        sends = {
+            b"431": b"PUT / HTTP/1.1\r\nHost: x\r\nx-filler: " + b"a" * 70_000,
+            b"408": b"PUT / HTTP/1.1\r\nHost: x\r\nx-slow: ",
+            b"400": b"PUT / HTTP/1.1\r\nHost x\r\n\r\n",
+        }
+        for status, head in sends.items():
+            answer = await asyncio.to_thread(_send_head_and_read, url.hostname, url.port, head)
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+        assert b'"error": "malformed_request"' in answer  # JSON like every other error
+        text = (await client.get("/metrics")).text
+        for status, code in (
+            ("431", "headers_too_large"),
+            ("408", "head_timeout"),
+            ("400", "malformed_request"),
+        ):
+            assert f'requests_total{{service="imageinfo",status="{status}"}} 1.0' in text
+            assert f'errors_total{{code="{code}",service="imageinfo"}} 1.0' in text

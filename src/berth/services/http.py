@@ -6,12 +6,16 @@ as it sent (300 MB of headers, 300 MB of memory). h11 has such a limit but
 costs several times more per request, so the bound is added here, and the
 answer is the one h11 and nginx give: 431. uvicorn also has no timer on a
 head, so a connection that sends half a head, or nothing, stayed open for ever.
+These answers, and the 400 for a request the parser cannot read, never reach
+the application: the protocol reports them through ``on_refusal`` so that
+/metrics counts every response, not only the application's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -34,10 +38,13 @@ _TOO_LARGE = _response(
 )
 _TIMEOUT = _response(b"408 Request Timeout", "head_timeout", "request head did not arrive in time")
 
+Refusal = Callable[[int, str], None]  # (status, error code) of a response sent here
+
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     # Set per server by bounded_head_protocol().
     head_timeout: float = 60.0
+    on_refusal: Refusal | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -70,7 +77,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse(_TOO_LARGE)
+            self._refuse(_TOO_LARGE, 431, "headers_too_large")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -110,16 +117,29 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._arm_head_timer()
             return
         if self._message_begun:
-            self._refuse(_TIMEOUT)
+            self._refuse(_TIMEOUT, 408, "head_timeout")
         else:
             self.transport.close()  # nothing was asked, so nothing is answered
 
-    def _refuse(self, response: bytes) -> None:
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own 400 (the parser gave up) is text/plain; every error here is JSON.
+        response = _response(b"400 Bad Request", "malformed_request", msg)
+        self._refuse(response, 400, "malformed_request")
+
+    def _refuse(self, response: bytes, status: int, code: str) -> None:
         self._cancel_head_timer()
         self.transport.write(response)
         self.transport.close()
+        if self.on_refusal is not None:
+            self.on_refusal(status, code)
 
 
-def bounded_head_protocol(head_timeout: float) -> type[BoundedHeadProtocol]:
+def bounded_head_protocol(
+    head_timeout: float, on_refusal: Refusal | None = None
+) -> type[BoundedHeadProtocol]:
     """The protocol class for one server (uvicorn builds it without our config)."""
-    return type("BoundedHeadProtocol", (BoundedHeadProtocol,), {"head_timeout": head_timeout})
+    # staticmethod: a plain function stored on a class would be bound to each protocol.
+    attributes: dict[str, Any] = {"head_timeout": head_timeout}
+    if on_refusal is not None:
+        attributes["on_refusal"] = staticmethod(on_refusal)
+    return type("BoundedHeadProtocol", (BoundedHeadProtocol,), attributes)

@@ -158,7 +158,7 @@ class ServiceServer:
             uvicorn.Config(
                 app,
                 lifespan="off",
-                http=bounded_head_protocol(config.timeout_body),
+                http=bounded_head_protocol(config.timeout_body, shell.metrics.observe),
                 loop="none",
                 access_log=False,
                 log_config=None,
