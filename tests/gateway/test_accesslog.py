@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from berth.gateway.accesslog import AccessLog, line
+from berth.gateway.accesslog import AccessLog, IsoClock, line
 from berth.gateway.metrics import Metrics
 from berth.gateway.routes import Route
 from tests.gateway.conftest import raw_request
@@ -107,3 +107,12 @@ async def test_full_buffer_drops_are_counted(tmp_path) -> None:
     assert "access_log_dropped_total 5" in metrics.render()
     await log.flush()
     assert len((tmp_path / "access.log").read_text().splitlines()) == 10
+
+
+def test_iso_clock_formats_each_millisecond() -> None:
+    clock = IsoClock()
+    assert clock(0.0) == "1970-01-01T00:00:00.000Z"
+    assert clock(0.0004) == "1970-01-01T00:00:00.000Z"
+    assert clock(1.9996) == "1970-01-01T00:00:01.999Z"
+    assert clock(86400 + 3723.25) == "1970-01-02T01:02:03.250Z"
+    assert clock(1.5) == "1970-01-01T00:00:01.500Z"  # backwards too

@@ -45,21 +45,28 @@ def line(record: dict[str, Any]) -> bytes:
 
 
 class IsoClock:
-    """ISO-8601 UTC timestamps with milliseconds; the seconds part is formatted
-    once per second rather than once per request."""
+    """ISO-8601 UTC timestamps with milliseconds, for a clock that mostly moves
+    forward by less than a millisecond between calls: the text is made once per
+    millisecond, the seconds part once per second."""
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("_millis", "_prefix", "_second", "_text")
 
     def __init__(self) -> None:
+        self._millis = -1
         self._second = -1
         self._prefix = ""
+        self._text = ""
 
     def __call__(self, stamp: float) -> str:
-        whole = int(stamp)
-        if whole != self._second:
-            self._second = whole
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        return f"{self._prefix}.{int((stamp - whole) * 1000):03d}Z"
+        millis = int(stamp * 1000)
+        if millis != self._millis:
+            self._millis = millis
+            second, ms = divmod(millis, 1000)
+            if second != self._second:
+                self._second = second
+                self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._text = f"{self._prefix}.{ms:03d}Z"
+        return self._text
 
 
 class AccessLog:

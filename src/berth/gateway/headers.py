@@ -32,21 +32,21 @@ _REQUEST_REPLACED = HOP_BY_HOP | {
 }
 
 
-_NONE: frozenset[bytes] = frozenset()
+# Connection options that name no header.
+_OPTIONS = frozenset({b"", b"close", b"keep-alive"})
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Lower-cased header names listed in Connection (they are hop-by-hop too)."""
-    tokens: set[bytes] | None = None
+    tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            if tokens is None:
-                tokens = set()
             tokens.update(t.strip().lower() for t in value.split(b","))
-    if tokens is None:
-        return _NONE
-    tokens.discard(b"")
-    return frozenset(tokens)
+    return tokens - _OPTIONS
+
+
+def _without(headers: list[tuple[bytes, bytes]], names: set[bytes]) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in headers if n.lower() not in names]
 
 
 def upstream_request_head(
@@ -64,14 +64,20 @@ def upstream_request_head(
 
     ``body`` is "none", "chunked" or the Content-Length as text.
     """
-    drop = _REQUEST_REPLACED | connection_tokens(headers)
     forwarded_for = b""
     lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    # One pass (this runs for every request); a Connection header that names
+    # other headers, which is rare, takes a second pass without them.
     for name, value in headers:
         lname = name.lower()
-        if lname in drop:
+        if lname in _REQUEST_REPLACED:
             if lname == b"x-forwarded-for":
                 forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+            elif lname == b"connection" and (named := connection_tokens(headers)):
+                return upstream_request_head(
+                    method, target, _without(headers, named | {b"connection"}), host=host,
+                    client_ip=client_ip, request_id=request_id, body=body, upgrade=upgrade,
+                )  # fmt: skip
             continue
         lines += (name, b": ", value, b"\r\n")
     ip = client_ip.encode()
@@ -112,12 +118,18 @@ def client_response_head(
     client must be told of. An HTTP/1.0 client keeps its connection only when
     told so (``Connection: keep-alive``).
     """
-    drop = HOP_BY_HOP | connection_tokens(headers)
     has_id = False
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
     for name, value in headers:
         lname = name.lower()
-        if lname in drop:
+        if lname in HOP_BY_HOP:
+            if lname == b"connection" and (named := connection_tokens(headers)):
+                # Rare: a second pass without the headers Connection names.
+                return client_response_head(
+                    status, reason, _without(headers, named | {b"connection"}),
+                    framing=framing, keep_alive=keep_alive, request_id=request_id,
+                    upgrade=upgrade, http10=http10, codings=codings,
+                )  # fmt: skip
             continue
         if lname == b"x-request-id":
             has_id = True
