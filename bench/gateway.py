@@ -9,6 +9,13 @@ small GET requests/s and p99 latency, then 1 MiB PUT bodies (throughput in
 MiB/s). nginx and wrk are installed with apt-get when missing, aiohttp with
 pip into this venv (for the comparison only; it is not a berth dependency).
 
+Small GETs also go through a fourth process, the floor: uvloop and httptools
+relaying requests and nothing else (see FLOOR_PROXY). It is what the event
+loop and the parser cost before any feature, so "berth vs floor" shows what
+berth's features cost, and "floor vs nginx" what any proxy on this Python
+stack can reach. CPU us/req is each proxy's own CPU time (user + system, its
+workers included) per request: on a shared machine, steadier than req/s.
+
 The issue's bars: small GET >= 0.75 x nginx req/s with p99 <= 2 x nginx's;
 1 MiB PUT >= 0.9 x nginx's throughput; and >= 5 x aiohttp. Everything shares
 this machine's cores (2 here, with the load generator and the upstream), so
@@ -32,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 LISTENING = re.compile(r"listening on (http://[\d.:]+)")
 REPORT_LUA = """
@@ -157,6 +165,80 @@ app.on_cleanup.append(stop)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 """
 
+# The floor for any Python proxy on this stack: uvloop + httptools relaying
+# keep-alive GETs with nothing else (no routing, logging, limits, timeouts,
+# retries, header rewriting beyond dropping Connection, or error handling).
+# Not a usable proxy: it only shows how close to it berth's features cost.
+FLOOR_PROXY = """
+import asyncio, sys, httptools, uvloop
+UP = ("127.0.0.1", int(sys.argv[2]))
+idle = []
+
+class Up(asyncio.Protocol):
+    def __init__(self):
+        self.parser = httptools.HttpResponseParser(self)
+        self.client = None
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        self.parser.feed_data(data)
+    def on_message_begin(self):
+        self.headers = []
+    def on_header(self, name, value):
+        self.headers.append((name, value))
+    def on_headers_complete(self):
+        out = [b"HTTP/1.1 %d OK\\r\\n" % self.parser.get_status_code()]
+        for name, value in self.headers:
+            if name.lower() != b"connection":
+                out += (name, b": ", value, b"\\r\\n")
+        out.append(b"\\r\\n")
+        self.out = out
+    def on_body(self, body):
+        self.out.append(body)
+    def on_message_complete(self):
+        client, self.client = self.client, None
+        idle.append(self)
+        if not client.transport.is_closing():
+            client.transport.writelines(self.out)
+
+class Client(asyncio.Protocol):
+    def __init__(self):
+        self.parser = httptools.HttpRequestParser(self)
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        self.parser.feed_data(data)
+    def on_message_begin(self):
+        self.url = b""
+        self.headers = []
+    def on_url(self, url):
+        self.url += url
+    def on_header(self, name, value):
+        self.headers.append((name, value))
+    def on_message_complete(self):
+        out = [self.parser.get_method(), b" ", self.url, b" HTTP/1.1\\r\\n"]
+        for name, value in self.headers:
+            out += (name, b": ", value, b"\\r\\n")
+        out.append(b"X-Forwarded-For: 127.0.0.1\\r\\n\\r\\n")
+        head = b"".join(out)
+        if idle:
+            up = idle.pop()
+            up.client = self
+            up.transport.write(head)
+        else:
+            asyncio.get_running_loop().create_task(self.connect(head))
+    async def connect(self, head):
+        _, up = await asyncio.get_running_loop().create_connection(Up, *UP)
+        up.client = self
+        up.transport.write(head)
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+
+uvloop.run(main())
+"""
+
 
 def ensure_tools() -> None:
     missing = [tool for tool in ("nginx", "wrk") if not shutil.which(tool)]
@@ -207,6 +289,16 @@ def start_berth(
     raise RuntimeError(f"berth {args[0]} did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (nginx's worker)."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def wrk(url: str, duration: int, connections: int, script: Path) -> dict[str, Any]:
     out = subprocess.run(
         [
@@ -242,7 +334,7 @@ def main() -> None:
     put_lua.write_text(PUT_LUA)
     procs: list[subprocess.Popen[Any]] = []
     try:
-        up_port, ngx_port, aio_port = free_port(), free_port(), free_port()
+        up_port, ngx_port, aio_port, floor_port = (free_port() for _ in range(4))
         (work / "upstream.conf").write_text(UPSTREAM_CONF.format(dir=work, port=up_port))
         (work / "proxy.conf").write_text(
             PROXY_CONF.format(dir=work, port=ngx_port, upstream=up_port)
@@ -256,6 +348,9 @@ def main() -> None:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
+        )
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", FLOOR_PROXY, str(floor_port), str(up_port)])
         )
         cp, cp_url = start_berth(["server", "--port", "0", "--data-dir", str(work / "cp")])
         procs.append(cp)
@@ -271,7 +366,7 @@ def main() -> None:
             ],
         )  # fmt: skip
         procs.append(gw)
-        for port in (up_port, ngx_port, aio_port):
+        for port in (up_port, ngx_port, aio_port, floor_port):
             wait_port(port)
         targets = {
             "nginx": f"http://127.0.0.1:{ngx_port}/",
@@ -284,6 +379,11 @@ def main() -> None:
             r = httpx.put(url + "put", headers={"Host": "svc"}, content=b"b" * (1 << 20))
             assert r.status_code in (201, 204), (name, r.status_code, r.text)
             wrk(url, 2, opts.connections, get_lua)  # warm-up: connection pools, page cache
+        floor_url = f"http://127.0.0.1:{floor_port}/"
+        assert httpx.get(floor_url, headers={"Host": "svc"}).text == "hello, world\n"
+        wrk(floor_url, 2, opts.connections, get_lua)
+        pids = {"nginx": procs[1].pid, "berth": gw.pid, "aiohttp": procs[2].pid,
+                "floor": procs[3].pid}  # fmt: skip
 
         print(
             f"\ngateway benchmark: wrk -t1, {opts.duration}s per run, "
@@ -291,19 +391,28 @@ def main() -> None:
         )
         get: dict[str, dict[str, Any]] = {}
         put: dict[str, dict[str, Any]] = {}
-        for name, url in targets.items():
+        for name, url in [*targets.items(), ("floor", floor_url)]:
+            before = cpu_seconds(pids[name])
             get[name] = wrk(url, opts.duration, opts.connections, get_lua)
+            get[name]["cpu_us"] = (cpu_seconds(pids[name]) - before) / get[name]["requests"] * 1e6
         for name, url in targets.items():
             put[name] = wrk(url + "put", opts.duration, opts.put_connections, put_lua)
             put[name]["mib_s"] = put[name]["rps"]  # 1 MiB per request
 
         print(f"small GET, {opts.connections} connections")
-        print(f"  {'proxy':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+        print(
+            f"  {'proxy':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+            f"{'CPU us/req':>11}"
+        )
         for name, r in get.items():
             print(
                 f"  {name:<8} {r['rps']:>10.0f} {r['p50_us'] / 1000:>8.2f} "
-                f"{r['p99_us'] / 1000:>8.2f} {r['errors'] + r['non2xx']:>7}"
+                f"{r['p99_us'] / 1000:>8.2f} {r['errors'] + r['non2xx']:>7} {r['cpu_us']:>11.1f}"
             )
+        print(
+            "  (floor: uvloop + httptools relaying GETs and nothing else, not a usable\n"
+            "   proxy: the most any Python proxy on this stack can do here)"
+        )
         print(f"\n1 MiB PUT, {opts.put_connections} connections")
         print(f"  {'proxy':<8} {'MiB/s':>10} {'p99 ms':>8} {'errors':>7}")
         for name, r in put.items():
@@ -319,6 +428,8 @@ def main() -> None:
             ("PUT MiB/s vs nginx", put["berth"]["mib_s"] / put["nginx"]["mib_s"], ">= 0.9"),
             ("GET req/s vs aiohttp", b["rps"] / a["rps"], ">= 5"),
             ("PUT MiB/s vs aiohttp", put["berth"]["mib_s"] / put["aiohttp"]["mib_s"], ""),
+            ("GET req/s vs floor", b["rps"] / get["floor"]["rps"], ""),
+            ("floor GET vs nginx", get["floor"]["rps"] / n["rps"], ""),
         ]
         for label, value, bar in rows:
             print(f"  {label:<22} {value:>6.2f}  {bar}")
