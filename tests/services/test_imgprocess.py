@@ -198,6 +198,46 @@ async def test_rotate_and_flip(imgprocess: httpx.AsyncClient) -> None:
     assert close(pixel(image, image.width // 2, 30), RED, 60)
 
 
+def assert_corners(image: pyvips.Image, colours: tuple[Any, Any, Any, Any]) -> None:
+    """Top-left, top-right, bottom-left, bottom-right quadrant centres."""
+    w, h = image.width, image.height
+    points = [
+        (w // 4, h // 4),
+        (3 * w // 4, h // 4),
+        (w // 4, 3 * h // 4),
+        (3 * w // 4, 3 * h // 4),
+    ]
+    got = [pixel(image, x, y)[:3] for x, y in points]
+    assert all(close(g, c) for g, c in zip(got, colours, strict=True)), got
+
+
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".tif"])
+async def test_turns_after_the_resize_on_streamed_inputs(
+    imgprocess: httpx.AsyncClient, suffix: str
+) -> None:
+    """EXIF orientation, rotate and a vertical flip on non-JPEG inputs with a resize:
+    the source streams, the small result is turned. Pixels must say the same as before."""
+    for orientation in range(1, 9):
+        stored = stored_for_orientation(quadrants(400, 300), orientation)
+        image = await image_of(imgprocess, encode(stored, suffix), "/fw/80")
+        assert (image.width, image.height) == (80, 60), orientation
+        assert_quadrants(image)
+        cover = await image_of(imgprocess, encode(stored, suffix), "/sq/40")
+        assert (cover.width, cover.height) == (40, 40), orientation
+        assert_quadrants(cover)
+    data = encode(stored_for_orientation(quadrants(400, 300), 6), suffix)
+    turned = await image_of(imgprocess, data, "/fw/80/rotate/90")
+    assert (turned.width, turned.height) == (60, 80)
+    assert_corners(turned, (BLUE, RED, YELLOW, GREEN))
+    flipped = await image_of(imgprocess, data, "/max/80/flip/top,down")
+    assert (flipped.width, flipped.height) == (80, 60)
+    assert_corners(flipped, (BLUE, YELLOW, RED, GREEN))
+    both = await image_of(imgprocess, data, "/fw/40/rotate/270/flip/left,right")
+    assert (both.width, both.height) == (30, 40)
+    # Turned anticlockwise (TL green, TR yellow, BL red, BR blue), then mirrored.
+    assert_corners(both, (YELLOW, GREEN, BLUE, RED))
+
+
 async def test_blur_and_unsharp(imgprocess: httpx.AsyncClient) -> None:
     # A hard black/white edge becomes a ramp when blurred.
     data = encode(solid(50, 20, BLACK).join(solid(50, 20, WHITE), "horizontal"), ".png")
@@ -438,10 +478,13 @@ async def test_decompression_bomb(imgprocess: httpx.AsyncClient) -> None:
 
 
 async def test_processing_time_limit(start_imgprocess: Callable[..., Any]) -> None:
+    big = encode(quadrants(1000, 1000), ".png")
     async with start_imgprocess(timeout_processing=0.000001) as (client, _):
-        response = await client.put("/!/gaussblur/50x50", content=jpeg(quadrants(1000, 1000)))
-        assert response.status_code == 504
-        assert response.json()["error"] == "processing_timeout"
+        for params in ("/gaussblur/50x50", "/fw/500/rotate/90/gaussblur/50x50"):
+            # The second turns an in-memory copy of the resized image: also under the limit.
+            response = await client.put(f"/!{params}", content=big)
+            assert response.status_code == 504, params
+            assert response.json()["error"] == "processing_timeout"
         assert (await client.get("/health")).status_code == 200
 
 

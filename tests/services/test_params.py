@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from berth.services.config import ImgProcessConfig
 from berth.services.errors import BadRequest, InvalidParameter
 from berth.services.exif import decode_common, decode_tag
-from berth.services.imaging import GIF, HEIC, JPEG, PNG, TIFF, WEBP
-from berth.services.imgprocess import geometry
+from berth.services.imaging import GIF, HEIC, JPEG, PNG, TIFF, WEBP, probe
+from berth.services.imgprocess import geometry, pipeline
 from berth.services.imgprocess.app import pairs_from_json, plan_from_request
 from berth.services.imgprocess.geometry import Target
 from berth.services.imgprocess.negotiate import accepted, choose
@@ -21,6 +22,8 @@ from berth.services.imgprocess.params import (
     parse,
     split_path,
 )
+
+from .images import jpeg, quadrants, stored_for_orientation
 
 
 def test_upyun_example_parses() -> None:
@@ -226,6 +229,38 @@ def test_jpeg_shrink_leaves_at_least_the_target() -> None:
     # libvips rounds a shrunk size down (and refuses 0): 5x3 at 1/4 would be 1x0.
     assert geometry.jpeg_shrink(5, 3, Target(1, 1)) == 2
     assert geometry.jpeg_shrink(1003, 1000, Target(251, 250)) == 2
+
+
+def test_stored_target_swaps_sides_for_quarter_turns() -> None:
+    assert geometry.stored_target(Target(80, 60), 6) == Target(60, 80)
+    assert geometry.stored_target(Target(80, 60, "cover"), 8) == Target(60, 80, "cover")
+    assert geometry.stored_target(Target(80, 60), 3) == Target(80, 60)
+
+
+def test_the_source_streams_when_a_resize_comes_before_any_turn() -> None:
+    config = ImgProcessConfig()
+    upright = probe(bytes(quadrants(40, 30).pngsave_buffer()), config)
+    sideways = probe(jpeg(stored_for_orientation(quadrants(40, 30), 6)), config)
+    small = Target(20, 15)
+    random = [
+        (parse("/rotate/90"), upright, None),  # nothing shrinks it first
+        (parse("/flip/top,down"), upright, None),
+        (parse(""), sideways, None),
+        (parse("/crop/10x10/fw/20"), sideways, None),  # the crop is in upright coordinates
+        (parse("/fw/20"), sideways, None),
+    ]
+    for plan, found, target in random:
+        assert pipeline.needs_random_access(plan, found, target), plan
+    streams = [
+        (parse("/fw/20/rotate/90"), upright, small),
+        (parse("/fw/20/flip/top,down"), upright, small),
+        (parse("/fw/20"), sideways, small),
+        (parse("/fw/20/rotate/45"), sideways, small),
+        (parse("/autoorient/false/crop/10x10/fw/20"), sideways, small),
+        (parse("/flip/left,right"), upright, None),
+    ]
+    for plan, found, target in streams:
+        assert not pipeline.needs_random_access(plan, found, target), plan
 
 
 def test_region_box_gravity_and_clamping() -> None:

@@ -257,25 +257,35 @@ _watchdog = Watchdog()
 
 
 @contextmanager
-def time_limit(image: pyvips.Image, seconds: float, what: str) -> Iterator[None]:
-    """Stop evaluating ``image`` inside the block once ``seconds`` have passed.
+def time_limit(seconds: float, what: str) -> Iterator[Callable[[pyvips.Image], pyvips.Image]]:
+    """Stop libvips' work inside the block once ``seconds`` have passed.
 
-    The watchdog sets libvips' kill flag, which its threadpool checks between
-    tiles. An "eval" progress callback would do the same from inside libvips,
-    but it calls into Python (taking the GIL) for every tile of every image:
+    Yields ``watch``: pass it the source image, and any in-memory copy made on
+    the way. libvips checks an image's kill flag whenever a region of it is
+    computed, so every evaluation that reads a watched image stops once the
+    watchdog sets the flags. An "eval" progress callback would do the same from
+    inside libvips, but it calls into Python (taking the GIL) for every tile:
     ~1 ms of a 24 MP thumbnail, more under load. The failure is recognised by
     our own flag, not by libvips' message: some savers (PNG) report a killed
     evaluation as "unable to write to target".
     """
     killed = threading.Event()
+    watched: list[pyvips.Image] = []
 
     def kill() -> None:
         killed.set()
-        image.set_kill(True)
+        for image in list(watched):
+            image.set_kill(True)
+
+    def watch(image: pyvips.Image) -> pyvips.Image:
+        watched.append(image)
+        if killed.is_set():
+            image.set_kill(True)
+        return image
 
     entry = _watchdog.arm(seconds, kill)
     try:
-        yield
+        yield watch
     except pyvips.Error:
         if killed.is_set():
             raise ProcessingTimeout(f"{what}: processing time limit reached") from None

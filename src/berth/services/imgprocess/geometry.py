@@ -64,6 +64,13 @@ def resize_target(resize: Resize, force: bool, w: int, h: int) -> Target | None:
     return None if (tw, th) == (w, h) else Target(tw, th)
 
 
+def stored_target(target: Target, orientation: int) -> Target:
+    """``target`` (upright) for the image as stored: EXIF orientations 5-8 swap the sides."""
+    if orientation in (5, 6, 7, 8):
+        return Target(target.height, target.width, target.fit)
+    return target
+
+
 def check_output(width: int, height: int, limit: int, key: str) -> None:
     if width > limit or height > limit:
         raise InvalidParameter(key, f"result {width}x{height} is over the limit of {limit} a side")

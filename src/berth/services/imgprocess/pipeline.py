@@ -181,7 +181,28 @@ class FrameOps:
     load_watermark: WatermarkLoader
     animated: bool
     frames: int
+    # The source streams top to bottom: anything that reads it out of order
+    # works on an in-memory copy of the (resized) image instead.
+    sequential: bool = False
+    watch: Callable[[pyvips.Image], pyvips.Image] = lambda image: image
     _overlays: list[pyvips.Image] | None = None
+
+    def resize(self, image: pyvips.Image, target: geometry.Target) -> pyvips.Image:
+        plan = self.plan
+        geometry.check_output(
+            target.width, target.height, self.config.limit_output_side, plan.resize_key
+        )
+        geometry.check_output_pixels(
+            target.width, target.height, self.frames, self.config.limit_pixels, plan.resize_key
+        )
+        size = "force" if target.fit != "cover" else "both"
+        crop = "centre" if target.fit == "cover" else "none"
+        return image.thumbnail_image(
+            target.width, height=target.height, size=size, crop=crop, no_rotate=True
+        )
+
+    def in_memory(self, image: pyvips.Image) -> pyvips.Image:
+        return self.watch(image.copy_memory()) if self.sequential else image
 
     def apply(self, image: pyvips.Image, target: geometry.Target | None) -> pyvips.Image:
         plan = self.plan
@@ -192,21 +213,12 @@ class FrameOps:
             if plan.resize is not None:
                 target = geometry.resize_target(plan.resize, plan.force, w, h)
         if target is not None:
-            geometry.check_output(target.width, target.height, limit, plan.resize_key)
-            geometry.check_output_pixels(
-                target.width, target.height, self.frames, self.config.limit_pixels, plan.resize_key
-            )
-            if target.fit == "cover":
-                image = image.thumbnail_image(
-                    target.width, height=target.height, crop="centre", no_rotate=True
-                )
-            else:
-                image = image.thumbnail_image(
-                    target.width, height=target.height, size="force", no_rotate=True
-                )
+            image = self.resize(image, target)
         if plan.clip is not None:
             left, top, w, h = geometry.region_box(plan.clip, image.width, image.height, "clip")
             image = image.extract_area(left, top, w, h)
+        if plan.rotate is not None or plan.flip == "vertical":
+            image = self.in_memory(image)
         if plan.rotate is not None:
             if plan.rotate % 90 == 0:
                 image = image.rot(f"d{plan.rotate}")
@@ -278,10 +290,19 @@ class FrameOps:
 # --- load, run, save ----------------------------------------------------------------------
 
 
-def needs_random_access(plan: Plan, found: Probe) -> bool:
-    """Sequential decoding keeps memory flat, but only for top-to-bottom pipelines."""
-    turns = plan.autoorient and found.orientation >= 3
-    return turns or plan.rotate is not None or plan.flip == "vertical" or found.frames > 1
+def needs_random_access(plan: Plan, found: Probe, target: geometry.Target | None) -> bool:
+    """Sequential decoding keeps memory flat, but only for top-to-bottom pipelines.
+
+    Turning (EXIF orientation 3-8, rotate, a vertical flip) reads out of order.
+    When a resize comes first, the turn is done on an in-memory copy of the
+    small result, and the big source still streams; without one, or when a crop
+    must see the image upright first, the source is decoded whole.
+    """
+    if found.frames > 1:
+        return True
+    upright = plan.autoorient and found.orientation >= 3
+    turns = upright or plan.rotate is not None or plan.flip == "vertical"
+    return turns and (target is None or (upright and plan.crop is not None))
 
 
 def load(
@@ -294,7 +315,7 @@ def load(
     if plan.resize is not None and plan.crop is None:
         target = geometry.resize_target(plan.resize, plan.force, width, height)
     options: dict[str, Any] = {"fail_on": "truncated"}
-    options["access"] = "random" if needs_random_access(plan, found) else "sequential"
+    options["access"] = "random" if needs_random_access(plan, found, target) else "sequential"
     if animated:
         options["n"] = -1
     if target is not None and found.format is JPEG:
@@ -362,26 +383,38 @@ def process(
         )
         animated = animated_in and plan.keeps_animation and fmt in (GIF, WEBP)
         image, target = load(data, found, plan, animated)
-        image = to_srgb(image, honour_icc=not plan.noicc)
-        if plan.autoorient and not animated:
-            image = image.autorot()
-        ops = FrameOps(plan, config, load_watermark, animated, found.frames if animated else 1)
-        if animated:
-            # Shrink-on-load (WebP) has scaled the frames already.
-            page = image.get("page-height") if image.get_typeof("page-height") else found.height
-            frames = [image.crop(0, i * page, image.width, page) for i in range(found.frames)]
-            done = [ops.apply(frame, target) for frame in frames]
-            image = pyvips.Image.arrayjoin(done, across=1).copy()
-            image.set_type(pyvips.GValue.gint_type, "page-height", done[0].height)
-            out_height, out_frames = done[0].height, len(done)
-        else:
-            image = ops.apply(image, target)
-            out_height, out_frames = image.height, 1
-        geometry.check_output(image.width, out_height, config.limit_output_side, "result")
-        geometry.check_output_pixels(
-            image.width, out_height, out_frames, config.limit_pixels, "result"
-        )
-        with time_limit(image, config.timeout_processing, "cannot process image"):
+        with time_limit(config.timeout_processing, "cannot process image") as watch:
+            image = to_srgb(watch(image), honour_icc=not plan.noicc)
+            ops = FrameOps(
+                plan,
+                config,
+                load_watermark,
+                animated,
+                found.frames if animated else 1,
+                sequential=not needs_random_access(plan, found, target),
+                watch=watch,
+            )
+            if plan.autoorient and not animated:
+                if ops.sequential and target is not None and found.orientation >= 3:
+                    # Resize as stored, then turn the small result upright.
+                    stored = geometry.stored_target(target, found.orientation)
+                    image, target = ops.in_memory(ops.resize(image, stored)), None
+                image = image.autorot()
+            if animated:
+                # Shrink-on-load (WebP) has scaled the frames already.
+                page = image.get("page-height") if image.get_typeof("page-height") else found.height
+                frames = [image.crop(0, i * page, image.width, page) for i in range(found.frames)]
+                done = [ops.apply(frame, target) for frame in frames]
+                image = pyvips.Image.arrayjoin(done, across=1).copy()
+                image.set_type(pyvips.GValue.gint_type, "page-height", done[0].height)
+                out_height, out_frames = done[0].height, len(done)
+            else:
+                image = ops.apply(image, target)
+                out_height, out_frames = image.height, 1
+            geometry.check_output(image.width, out_height, config.limit_output_side, "result")
+            geometry.check_output_pixels(
+                image.width, out_height, out_frames, config.limit_pixels, "result"
+            )
             body = save(image, fmt, plan, config.quality_default)
     return Output(body, fmt, image.width, out_height, out_frames, vary)
 
