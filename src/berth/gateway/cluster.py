@@ -47,6 +47,7 @@ class Server:
         "_check_oks",
         "_req_fails",
         "active",
+        "address",
         "current_weight",
         "down_until",
         "effective_weight",
@@ -78,6 +79,8 @@ class Server:
     ) -> None:
         self.host = host
         self.port = port
+        # "host:port" ("[v6]:port"), made once: it is read for every request.
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.weight = weight
         self.level = level
         self.max_fails = max_fails  # consecutive request failures before ERR; 0 = off
@@ -100,12 +103,6 @@ class Server:
         self._req_fails = 0
         self._check_fails = 0
         self._check_oks = 0
-
-    @property
-    def address(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
 
     @property
     def status(self) -> ServerStatus:

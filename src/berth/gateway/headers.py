@@ -41,8 +41,19 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens - _OPTIONS
+            tokens |= _named(value)
+    return tokens
+
+
+def _named(connection: bytes) -> frozenset[bytes]:
+    """The header names one Connection value lists ("keep-alive" and "close" name none)."""
+    if connection in _PLAIN:
+        return _NO_NAMES
+    return frozenset(t.strip().lower() for t in connection.split(b",")) - _OPTIONS
+
+
+_NO_NAMES: frozenset[bytes] = frozenset()
+_PLAIN = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
 def _without(headers: list[tuple[bytes, bytes]], names: set[bytes]) -> list[tuple[bytes, bytes]]:
@@ -73,7 +84,8 @@ def upstream_request_head(
         if lname in _REQUEST_REPLACED:
             if lname == b"x-forwarded-for":
                 forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
-            elif lname == b"connection" and (named := connection_tokens(headers)):
+            elif lname == b"connection" and _named(value):
+                named = connection_tokens(headers)
                 return upstream_request_head(
                     method, target, _without(headers, named | {b"connection"}), host=host,
                     client_ip=client_ip, request_id=request_id, body=body, upgrade=upgrade,
@@ -123,8 +135,9 @@ def client_response_head(
     for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP:
-            if lname == b"connection" and (named := connection_tokens(headers)):
+            if lname == b"connection" and _named(value):
                 # Rare: a second pass without the headers Connection names.
+                named = connection_tokens(headers)
                 return client_response_head(
                     status, reason, _without(headers, named | {b"connection"}),
                     framing=framing, keep_alive=keep_alive, request_id=request_id,

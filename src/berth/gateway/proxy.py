@@ -126,6 +126,7 @@ class ClientProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client_ip = "-"
+        self._client_ip_json = '"-"'
         self.parser = httptools.HttpRequestParser(self)
         self.high_water = ctx.config.buffer_high_water
         self.current: Exchange | None = None  # the exchange being answered
@@ -166,6 +167,7 @@ class ClientProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip = str(peer[0])
+        self._client_ip_json = quote(self.client_ip)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections_active += 1
         self.ctx.metrics.connections_total += 1
@@ -919,9 +921,9 @@ class ClientProtocol(asyncio.Protocol):
             (
                 f'{{"time":"{ctx.clock(ex.wall)}",'
                 f'"request_id":{q(ex.request_id.decode("latin-1"))},'
-                f'"client_ip":{q(self.client_ip)},"host":{q(ex.host.decode("latin-1"))},'
+                f'"client_ip":{self._client_ip_json},"host":{q(ex.host.decode("latin-1"))},'
                 f'"route":{q(route)},"cluster":"{ex.cluster_name or "-"}",'
-                f'"method":{q(ex.method.decode("latin-1"))},'
+                f'"method":{_method_json(ex.method)},'
                 f'"path":{q(ex.url.decode("latin-1"))},"status":{ex.status},'
                 f'"upstream_addr":{q(ex.upstream_addr or "-")},'
                 f'"upstream_status":{ex.upstream_status or "null"},"tries":{ex.tries},'
@@ -931,6 +933,17 @@ class ClientProtocol(asyncio.Protocol):
                 f'"user_agent":{q(ex.user_agent.decode("latin-1"))}}}\n'
             ).encode("utf-8", "replace")
         )
+
+
+_METHODS: dict[bytes, str] = {}
+
+
+def _method_json(method: bytes) -> str:
+    # A handful of values (the parser accepts only the methods it knows).
+    text = _METHODS.get(method)
+    if text is None:
+        text = _METHODS[method] = quote(method.decode("latin-1"))
+    return text
 
 
 def _status_error(status: int, address: str) -> GatewayError:
