@@ -67,7 +67,13 @@ MULTI_PAGE = {GIF, WEBP, TIFF, AVIF, HEIC}
 def init_vips(concurrency: int = 1) -> None:
     """Process-wide libvips settings for a server of untrusted uploads."""
     pyvips.block_untrusted_set(True)
-    # libvips' debug chatter arrives as INFO records of the "pyvips" logger.
+    # pyvips routes every libvips message, info included, through a Python
+    # callback: ~10 per thumbnail, each taking the GIL from inside libvips
+    # while other requests want it. Without it GLib's default handler prints
+    # warnings and errors to stderr and drops info and debug.
+    remove_handler = getattr(pyvips, "_remove_log_handler", None)
+    if remove_handler is not None:
+        remove_handler()
     logging.getLogger("pyvips").setLevel(logging.WARNING)
     # Every upload is new: the operation cache would only hold memory.
     pyvips.cache_set_max(0)
