@@ -25,7 +25,7 @@ from PIL import Image
 
 from berth.services.imaging import Probe
 
-_INTERPRETATION = {"RGB": "srgb", "L": "b-w"}
+_MODES = ("RGB", "L")
 
 
 def decode_shrunk(data: bytes, found: Probe, shrink: int) -> pyvips.Image | None:
@@ -37,7 +37,7 @@ def decode_shrunk(data: bytes, found: Probe, shrink: int) -> pyvips.Image | None
         return None  # Pillow would warn or refuse where our own limits allowed it
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
-            if image.mode not in _INTERPRETATION or image.size != (width, height):
+            if image.mode not in _MODES or image.size != (width, height):
                 return None
             image.draft(image.mode, size)
             if image.size != (-(-width // shrink), -(-height // shrink)):
@@ -48,10 +48,10 @@ def decode_shrunk(data: bytes, found: Probe, shrink: int) -> pyvips.Image | None
             pixels, decoded, mode = image.tobytes(), image.size, image.mode
     except Exception:  # truncated, corrupt, unusual: libvips decides, with its messages
         return None
+    # libvips takes 3 uchar bands as sRGB and 1 as b-w: no copy() to say so.
     out = pyvips.Image.new_from_memory(pixels, *decoded, len(mode), "uchar")
     if decoded != size:
         out = out.extract_area(0, 0, *size)
-    out = out.copy(interpretation=_INTERPRETATION[mode])
     source = found.image
     if source.get_typeof("icc-profile-data") != 0:
         out.set_type(pyvips.GValue.blob_type, "icc-profile-data", source.get("icc-profile-data"))

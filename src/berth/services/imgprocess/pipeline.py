@@ -394,7 +394,8 @@ def process(
                 sequential=not needs_random_access(plan, found, target),
                 watch=watch,
             )
-            if plan.autoorient and not animated:
+            # Orientation 1 needs no turn (every libvips call also costs GIL round trips).
+            if plan.autoorient and not animated and found.orientation != 1:
                 if ops.sequential and target is not None and found.orientation >= 3:
                     # Resize as stored, then turn the small result upright.
                     stored = geometry.stored_target(target, found.orientation)
