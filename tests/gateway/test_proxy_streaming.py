@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import json
@@ -276,3 +277,61 @@ async def test_transfer_codings_besides_chunked_reach_the_client(make_gateway) -
         writer.close()
     finally:
         await up.stop()
+
+
+async def _answer_before_the_body(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    # Answers as soon as the head is in, never reading the body (an auth check).
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\ndenied")
+    await writer.drain()
+    await reader.read()
+
+
+async def test_unread_body_is_dropped_and_the_connection_kept(make_gateway, upstreams) -> None:
+    # As nginx's discard_request_body: a response that did not need the rest of
+    # the body leaves the connection usable once that rest has been read.
+    early = await RawUpstream(_answer_before_the_body).start()
+    a = await upstreams("a")
+    try:
+        gw = await make_gateway()
+        gw.routes.set(
+            [Route("early", "/", "early")],
+            {"early": [("127.0.0.1", early.port)], "svc": [("127.0.0.1", a.port)]},
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            b"PUT /x HTTP/1.1\r\nHost: early\r\nContent-Length: 100000\r\n\r\n" + b"a" * 10
+        )
+        status, headers, body = await read_response(reader)
+        assert (status, body) == (401, b"denied") and "connection" not in headers
+        writer.write(b"a" * 99_990)
+        # An unknown host with a small body: 404, and the connection stays too.
+        writer.write(b"POST / HTTP/1.1\r\nHost: nowhere.test\r\nContent-Length: 3\r\n\r\nabc")
+        status, headers, _ = await read_response(reader)
+        assert status == 404 and "connection" not in headers
+        writer.write(b"GET /after HTTP/1.1\r\nHost: svc\r\n\r\n")
+        status, _, body = await read_response(reader)
+        assert status == 200 and json.loads(body)["path"] == "/after"
+        # Too much left to be worth reading: the connection closes after the answer
+        # (whose head went out before the gateway knew the upstream would not read on).
+        writer.write(b"PUT /x HTTP/1.1\r\nHost: early\r\nContent-Length: 50000000\r\n\r\nabc")
+        status, headers, _ = await read_response(reader)
+        assert status == 401
+        assert await reader.read() == b""
+        writer.close()
+        # A chunked body is dropped up to a budget, then the connection closes.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"PUT /x HTTP/1.1\r\nHost: early\r\nTransfer-Encoding: chunked\r\n\r\n")
+        status, _, _ = await read_response(reader)
+        assert status == 401
+        piece = b"10000\r\n" + b"c" * 0x10000 + b"\r\n"
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):  # 2.5 MiB, over the 1 MiB budget
+                writer.write(piece)
+                await writer.drain()
+        assert await reader.read() == b""
+        writer.close()
+    finally:
+        await early.stop()

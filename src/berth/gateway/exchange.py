@@ -187,16 +187,17 @@ class Exchange:
 
     def feed_body(self, data: bytes) -> None:
         self.body_bytes += len(data)
+        if self.state is ExchangeState.DONE:
+            return  # answered already: the rest is dropped (see ClientProtocol._finish)
         if self.max_body is not None and self.body_bytes > self.max_body:
             limits_mod.check_body_size(self.body_bytes, self.max_body)
         if self.conn is not None and not self.discarding:
             self._send_body(data)
-        elif self.state is not ExchangeState.DONE and not self.response_started:
+        elif not self.response_started:
             self.body.append(data)
             self.buffered += len(data)
             if self.buffered > self.client.high_water:
                 self.client.pause_reading("buffer")
-        # Otherwise the response is already complete: the rest is discarded.
 
     def body_done(self) -> None:
         self.body_complete = True

@@ -64,6 +64,10 @@ CLIENT_CLOSED = 499
 # reads, a closing connection still reads (and drops) what the client sends.
 LINGER_TIME = 30.0
 LINGER_TIMEOUT = 5.0
+# A request body the response did not need (an upstream that answered early, a
+# 404) is read and dropped so the connection can serve the next request, as
+# nginx's discard_request_body does, unless more than this much is left.
+DISCARD_BODY_MAX = 1 << 20
 
 
 class TableSource(Protocol):
@@ -136,6 +140,8 @@ class ClientProtocol(asyncio.Protocol):
         self.write_paused = False
         self._paused: set[str] = set()
         self._tunnel: Exchange | None = None
+        self._discarding: Exchange | None = None  # answered; its body is read and dropped
+        self._discard_until = 0  # body_bytes past which discarding gives up and closes
         self._corked: list[bytes] | None = None
         self._failed = False
         self._linger_since = 0.0  # set once the response is out and input is being dropped
@@ -312,6 +318,8 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         if ex is not None:
             ex.feed_body(body)
+            if self._discarding is ex and ex.body_bytes > self._discard_until:
+                self.close()
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -319,6 +327,9 @@ class ClientProtocol(asyncio.Protocol):
             if ex.upgrade is None:
                 self.parsing = None
             ex.body_done()
+            if self._discarding is ex:
+                self._discarding = None
+                self._next()
 
     # -- helpers ------------------------------------------------------------
 
@@ -420,6 +431,9 @@ class ClientProtocol(asyncio.Protocol):
             self._enqueue(ex)
             return
         ex.keep_alive = False
+        if self._discarding is ex:
+            self.close()  # answered already; its body was being dropped
+            return
         if ex.response_started or ex.state is ExchangeState.DONE:
             return  # the response goes on; the connection closes after it
         ex.error = ex.error or error
@@ -858,8 +872,8 @@ class ClientProtocol(asyncio.Protocol):
             doc["host"] = host
         doc["request_id"] = ex.request_id.decode("latin-1")
         body = json.dumps(doc).encode()
-        # A request whose body was not read cannot be followed by another one.
-        if not ex.body_complete or error.status in (400, 408, 413, 414, 417, 431):
+        # After these the byte stream cannot be trusted or is not worth reading.
+        if error.status in (400, 408, 413, 414, 417, 431) or not _discardable(ex):
             ex.keep_alive = False
         lines = [
             b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error")),
@@ -893,11 +907,24 @@ class ClientProtocol(asyncio.Protocol):
             self._tunnel is ex
             or not ex.keep_alive
             or self.closing
-            or not ex.body_complete
             or self.closes_after_current()
+            or not (ex.body_complete or _discardable(ex))
         ):
             self.close()
             return
+        if not ex.body_complete:
+            # The rest of the body is read and dropped; on_message_complete
+            # then carries on with the next request.
+            self._discarding = ex
+            self._discard_until = ex.body_bytes + DISCARD_BODY_MAX
+            self.resume_reading("buffer")
+            self.resume_reading("upstream")
+            self._timer_by(self._last_data + self.config.client_body_timeout)
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """The exchange is over and the connection stays: the next request, or idle."""
         self._idle_since = self.loop.time()
         if self.pipeline:
             nxt = self.pipeline.popleft()
@@ -944,6 +971,20 @@ def _method_json(method: bytes) -> str:
     if text is None:
         text = _METHODS[method] = quote(method.decode("latin-1"))
     return text
+
+
+def _discardable(ex: Exchange) -> bool:
+    """Whether what is left of the request body is small enough to read and drop
+    (a chunked body is unknown: discarding it stops at DISCARD_BODY_MAX). Not a
+    body behind Expect: 100-continue, which the client may never send once it
+    has its answer."""
+    if ex.body_complete:
+        return True
+    if ex.expect_continue:
+        return False
+    if ex.chunked:
+        return True
+    return ex.content_length is not None and ex.content_length - ex.body_bytes <= DISCARD_BODY_MAX
 
 
 def _status_error(status: int, address: str) -> GatewayError:
