@@ -311,6 +311,21 @@ async def test_colour_management(imgprocess: httpx.AsyncClient) -> None:
     assert close(pixel(damaged, 5, 5), raw, 8)
 
 
+async def test_both_jpeg_decoders_give_the_same_thumbnail(imgprocess: httpx.AsyncClient) -> None:
+    # A stripped JPEG thumbnail is decoded by Pillow, one keeping EXIF by libvips:
+    # with a P3 profile and a turn, the two routes must agree pixel for pixel.
+    p3 = stored_for_orientation(quadrants(480, 360), 6).icc_export(output_profile="p3")
+    p3.set_type(pyvips.GValue.gint_type, "orientation", 6)
+    data = jpeg(p3)
+    for params in ("/fw/60", "/sq/50", "/fwfh/100x100/rotate/90"):
+        fast = await image_of(imgprocess, data, params)
+        slow = await image_of(imgprocess, data, params + "/exifswitch/true")
+        assert (fast.width, fast.height) == (slow.width, slow.height), params
+        assert (fast.cast("int") - slow.cast("int")).abs().max() <= 1, params
+        if "rotate" not in params:
+            assert_quadrants(fast, tolerance=90)  # upright; P3 blue comes back purplish
+
+
 async def test_cmyk_jpeg_with_and_without_profile(imgprocess: httpx.AsyncClient) -> None:
     cmyk = solid(32, 32, (200, 40, 40)).icc_export(output_profile="cmyk")
     for data in (
