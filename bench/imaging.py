@@ -1,6 +1,7 @@
 """Benchmark: imgprocess vs thumbor vs a Pillow baseline, plus memory and imageinfo.
 
-    .venv/bin/python bench/imaging.py [--seconds 8] [--concurrency 4] [--client lean|httpx]
+    .venv/bin/python bench/imaging.py [--seconds 8] [--rounds 6] [--concurrency 4]
+                                     [--client lean|httpx]
 
 Fit-in 500x500 thumbnails of a 24 MP JPEG, a 12 MP PNG and a 12 MP WebP
 (generated here), the same concurrency for everyone:
@@ -351,7 +352,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--no-thumbor", action="store_true")
     parser.add_argument("--client", choices=["lean", "httpx"], default="lean")
     args = parser.parse_args()
