@@ -16,6 +16,7 @@ from berth.gateway.cluster import ServerStatus
 from berth.gateway.metrics import LATENCY_BUCKETS, Metrics
 from berth.gateway.workers import (
     AnswerState,
+    Carry,
     PeerCollector,
     ServerHealth,
     SnapshotServer,
@@ -55,6 +56,47 @@ def snap(worker: int, m: Metrics | None = None, **servers: ServerHealth) -> Work
         metrics=m or Metrics(),
         servers={("svc", addr.replace("_", ":")): h for addr, h in servers.items()},
     )
+
+
+def total(parts: list[Metrics]) -> int:
+    return sum(sum(m.requests.values()) for m in parts)
+
+
+# -- Carry: totals never go down ------------------------------------------------------------------
+
+
+def test_a_replaced_workers_counts_are_carried_once() -> None:
+    carry = Carry(alive=lambda pid: False)
+    assert total(carry.update({1: snap(1, metrics(5))}, [1])) == 0
+    m = metrics(5)
+    m.connections_active = 3
+    carry.update({1: snap(1, m)}, [1])
+    # Index 1 answers from another process: the old one's 5 are kept for good,
+    # but not its open connections (a gauge).
+    successor = WorkerSnapshot(worker=1, pid=2001, started=9.0, metrics=metrics(2))
+    carried = carry.update({1: successor}, [1])
+    assert total(carried) == 5 and carried[0].connections_active == 0
+    assert total(carry.update({1: successor}, [1])) == 5  # not again
+
+
+def test_a_silent_worker_stands_in_while_alive_and_retires_when_dead() -> None:
+    alive = {1001: True}
+    carry = Carry(alive=lambda pid: alive.get(pid, False))
+    carry.update({1: snap(1, metrics(7))}, [1])
+    # Silent but alive (stuck, busy): its last counters stand in for it.
+    assert total(carry.update({}, [1])) == 7
+    assert total(carry.update({1: snap(1, metrics(9))}, [1])) == 0  # back: its own numbers
+    # Silent and gone: retired once, and a successor starts from zero on top.
+    alive[1001] = False
+    assert total(carry.update({}, [1])) == 9
+    successor = WorkerSnapshot(worker=1, pid=2001, started=9.0, metrics=metrics(1))
+    assert total(carry.update({1: successor}, [1])) == 9
+
+
+def test_merge_adds_carried_counters() -> None:
+    view = merge(2, [snap(0, metrics(4)), snap(1, metrics(1))], [metrics(10)])
+    assert sum(view.metrics.requests.values()) == 15
+    assert len(view.snapshots) == 2
 
 
 # -- merge_server -------------------------------------------------------------------------------

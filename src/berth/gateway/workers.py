@@ -17,10 +17,10 @@ from ``--data-dir``. The name carries the supervisor's pid and a random part,
 and worker 0 checks the answering process's uid (SO_PEERCRED), so another local
 user cannot feed it numbers.
 
-A restarted worker starts its counters from zero, as an nginx worker's own
-counters do after a respawn: the summed counters then drop by what the dead
-worker had counted, which Prometheus's ``rate()`` reads as a counter reset.
-``berth_gateway_worker_start_time_seconds{worker}`` shows when that happened.
+A restarted worker starts its own counters from zero, as an nginx worker
+does after a respawn; worker 0 carries what the dead one had counted up to
+the last scrape (``Carry``), so the summed counters never go down.
+``berth_gateway_worker_start_time_seconds{worker}`` shows when a worker started.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -288,9 +288,12 @@ class WorkersView:
         return all(s.store_up for s in self.snapshots)
 
 
-def merge(configured: int, snapshots: Sequence[WorkerSnapshot]) -> WorkersView:
+def merge(
+    configured: int, snapshots: Sequence[WorkerSnapshot], carried: Sequence[Metrics] = ()
+) -> WorkersView:
     """Sum the metrics, merge each server's health; one snapshot per worker index
-    (the first given wins if an index repeats)."""
+    (the first given wins if an index repeats). ``carried``: counters of workers
+    that are gone or silent (see ``Carry``), added so totals never go down."""
     by_index: dict[int, WorkerSnapshot] = {}
     for snap in snapshots:
         by_index.setdefault(snap.worker, snap)
@@ -302,9 +305,69 @@ def merge(configured: int, snapshots: Sequence[WorkerSnapshot]) -> WorkersView:
     return WorkersView(
         configured=configured,
         snapshots=ordered,
-        metrics=Metrics.merged(s.metrics for s in ordered),
+        metrics=Metrics.merged([*(s.metrics for s in ordered), *carried]),
         servers={key: merge_server(v) for key, v in views.items()},
     )
+
+
+class Carry:
+    """Keeps the summed counters from going down when a worker other than 0 dies.
+
+    Prometheus reads any drop of a counter as a reset and counts the whole new
+    value as an increase, so the sum losing a dead worker's share showed as a
+    burst of traffic. Worker 0 remembers each peer's last snapshot: when another
+    process answers for that index, or the peer is silent and its process is
+    gone, its counters move to ``retired`` for good; while a live peer is
+    silent (stuck, busy), its last counters stand in for it. Only what the dead
+    worker counted after the last scrape is lost. Gauges are not carried.
+    Worker 0 itself cannot carry its own numbers over its own death: a new
+    worker 0 (or a rolling restart) starts every total from zero, which
+    ``berth_gateway_worker_start_time_seconds`` shows."""
+
+    def __init__(self, alive: Callable[[int], bool]) -> None:
+        self._alive = alive
+        self._last: dict[int, WorkerSnapshot] = {}
+        self.retired = Metrics()
+
+    def __repr__(self) -> str:
+        return f"<Carry peers={sorted(self._last)} retired={sum(self.retired.requests.values())}>"
+
+    def update(self, answered: Mapping[int, WorkerSnapshot], peers: Iterable[int]) -> list[Metrics]:
+        """Record this scrape's answers; the counters to add to the live ones."""
+        stale: list[Metrics] = []
+        for index in peers:
+            new, old = answered.get(index), self._last.get(index)
+            if new is not None:
+                if old is not None and (old.pid, old.started) != (new.pid, new.started):
+                    self._retire(old)
+                self._last[index] = new
+            elif old is not None:
+                if self._alive(old.pid):
+                    stale.append(_counters(old.metrics))
+                else:
+                    self._retire(old)
+                    del self._last[index]
+        return [self.retired, *stale]
+
+    def _retire(self, snap: WorkerSnapshot) -> None:
+        self.retired = Metrics.merged([self.retired, _counters(snap.metrics)])
+
+
+def _counters(metrics: Metrics) -> Metrics:
+    """The counters only: a gone worker has no open connections."""
+    out = Metrics.merged([metrics])
+    out.connections_active = 0
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # -- the sockets ---------------------------------------------------------------------------------
@@ -441,10 +504,12 @@ class PeerCollector:
         group: WorkerGroup,
         local: Callable[[], WorkerSnapshot],
         timeout: float = QUERY_TIMEOUT,
+        alive: Callable[[int], bool] = pid_alive,
     ) -> None:
         self.group = group
         self._local = local
         self._timeout = timeout
+        self.carry = Carry(alive)
 
     def __repr__(self) -> str:
         return f"<PeerCollector workers={self.group.count}>"
@@ -456,5 +521,6 @@ class PeerCollector:
                 for i in range(1, self.group.count)
             )
         )
-        local = self._local()
-        return merge(self.group.count, [local, *(p for p in peers if p is not None)])
+        answered = {p.worker: p for p in peers if p is not None}
+        carried = self.carry.update(answered, range(1, self.group.count))
+        return merge(self.group.count, [self._local(), *answered.values()], carried)
