@@ -87,6 +87,7 @@ class Exchange:
         "error",
         "expect_continue",
         "framing",
+        "head_only",
         "headers",
         "host",
         "http10",
@@ -121,6 +122,7 @@ class Exchange:
     ) -> None:
         self.client = client
         self.method = method
+        self.head_only = method == b"HEAD"
         self.url = url
         self.request_id = request_id
         self.headers: list[tuple[bytes, bytes]] = []
@@ -174,10 +176,6 @@ class Exchange:
             f"<Exchange {self.method.decode()} {self.url[:60].decode(errors='replace')} "
             f"{self.state.value} status={self.status} tries={self.tries}>"
         )
-
-    @property
-    def head_only(self) -> bool:
-        return self.method == b"HEAD"
 
     @property
     def replayable(self) -> bool:

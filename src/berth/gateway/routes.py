@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -58,11 +58,13 @@ class Route:
     tries: int = 2  # total attempts incl. the first
     try_timeout: float = 0.0  # budget for all attempts (0 = no budget)
     limits: Limits = Limits()
+    # The label used in logs and metrics: host plus prefix when it is not "/".
+    # Made once (it is read for every request).
+    name: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def name(self) -> str:
-        """The label used in logs and metrics: host plus prefix when it is not "/"."""
-        return self.host if self.path_prefix == "/" else self.host + self.path_prefix
+    def __post_init__(self) -> None:
+        name = self.host if self.path_prefix == "/" else self.host + self.path_prefix
+        object.__setattr__(self, "name", name)
 
 
 # -- parsing ------------------------------------------------------------------------
