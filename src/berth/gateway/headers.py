@@ -34,6 +34,9 @@ _REQUEST_REPLACED = HOP_BY_HOP | {
 
 # Connection options that name no header.
 _OPTIONS = frozenset({b"", b"close", b"keep-alive"})
+# Whole Connection values naming no header, as they usually come.
+_PLAIN = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+_NO_NAMES: frozenset[bytes] = frozenset()
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -50,10 +53,6 @@ def _named(connection: bytes) -> frozenset[bytes]:
     if connection in _PLAIN:
         return _NO_NAMES
     return frozenset(t.strip().lower() for t in connection.split(b",")) - _OPTIONS
-
-
-_NO_NAMES: frozenset[bytes] = frozenset()
-_PLAIN = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
 def _without(headers: list[tuple[bytes, bytes]], names: set[bytes]) -> list[tuple[bytes, bytes]]:
