@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -30,15 +31,16 @@ def smooth_weighted(candidates: Sequence[Server]) -> Server:
     if len(candidates) == 1:
         return candidates[0]
     total = 0
-    best: Server | None = None
+    best = candidates[0]
+    top = -math.inf  # the first server with the highest current weight wins ties
     for server in candidates:
-        server.current_weight += server.effective_weight
-        total += server.effective_weight
-        if server.effective_weight < server.weight:
-            server.effective_weight += 1
-        if best is None or server.current_weight > best.current_weight:
-            best = server
-    assert best is not None
+        effective = server.effective_weight
+        current = server.current_weight = server.current_weight + effective
+        total += effective
+        if effective < server.weight:
+            server.effective_weight = effective + 1
+        if current > top:
+            best, top = server, current
     best.current_weight -= total
     return best
 

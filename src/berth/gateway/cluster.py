@@ -474,8 +474,16 @@ class Cluster:
         None only when the cluster has no servers (or all are excluded)."""
         now = time.monotonic()
         wall = time.time()
+        err = ServerStatus.ERR
         for index, level in enumerate(self.levels):
-            candidates = [s for s in level if s.available(now, wall) and s not in exclude]
+            # Server.available, inlined: this runs for every server on every request.
+            candidates = [
+                s
+                for s in level
+                if (s.ejection is None or s.ejection.until <= wall)
+                and (s.health is not err or now >= s.down_until)
+                and s not in exclude
+            ]
             if not candidates:
                 continue
             if route.lb == "hash" and hash_key is not None:
