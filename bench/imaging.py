@@ -322,6 +322,16 @@ def pillow_rate(data: bytes, fmt: str, concurrency: int, seconds: float) -> tupl
     return done, time.perf_counter() - started
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children so far."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        times = p.cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def peak_rss(pid: int, run: Callable[[], None]) -> tuple[float, float]:
     """Idle and peak RSS (MB) of ``pid`` while ``run`` runs, sampled every 5 ms."""
     proc = psutil.Process(pid)
@@ -371,6 +381,7 @@ def main() -> None:
 
     thumbor_bin = None if args.no_thumbor else install_thumbor()
     rows: list[tuple[str, float, float | None, float]] = []
+    cpu_ms: dict[str, tuple[float, float | None]] = {}  # per thumbnail: imgprocess, thumbor
     imgprocess = berth_service("imgprocess")
     thumbor = None
     try:
@@ -383,15 +394,20 @@ def main() -> None:
             # Short alternating rounds: the machine is shared, so background load
             # that comes and goes hits all three contenders alike.
             totals = {"ours": [0, 0.0], "thumbor": [0, 0.0], "pillow": [0, 0.0]}
+            cpu = {"ours": 0.0, "thumbor": 0.0}
             slice_ = args.seconds / args.rounds
             for _ in range(args.rounds):
+                before = cpu_seconds(imgprocess.pid)
                 done, took, errors = load("PUT", url, data, args.concurrency, slice_)
+                cpu["ours"] += cpu_seconds(imgprocess.pid) - before
                 totals["ours"][0] += done
                 totals["ours"][1] += took
                 if errors:
                     print(f"  ({errors} imgprocess errors on {name})")
                 if thumbor is not None:
+                    before = cpu_seconds(thumbor.pid)
                     done, took, _ = load("GET", turl, b"", args.concurrency, slice_)
+                    cpu["thumbor"] += cpu_seconds(thumbor.pid) - before
                     totals["thumbor"][0] += done
                     totals["thumbor"][1] += took
                 done, took = pillow_rate(data, pil_format, args.concurrency, slice_)
@@ -399,6 +415,8 @@ def main() -> None:
                 totals["pillow"][1] += took
             rate = {k: (v[0] / v[1] if v[1] else 0.0) for k, v in totals.items()}
             rows.append((name, rate["ours"], rate["thumbor"] or None, rate["pillow"]))
+            per = {k: cpu[k] * 1000 / totals[k][0] if totals[k][0] else 0.0 for k in cpu}
+            cpu_ms[name] = (per["ours"], per["thumbor"] or None)
     finally:
         imgprocess.stop()
         if thumbor is not None:
@@ -413,6 +431,14 @@ def main() -> None:
         ratio = f"{ours_rate / theirs_rate:11.2f}x" if theirs_rate else f"{'n/a':>12}"
         vs_pillow = f"{ours_rate / pil_rate:10.2f}x"
         print(f"{name:<6}{ours_rate:12.1f}{t}{pil_rate:9.1f}{ratio}{vs_pillow}  {target}")
+    # Steadier than req/s on a shared machine: each server's own CPU per thumbnail
+    # (imgprocess also receives the upload; thumbor reads the file from disk).
+    print("\nserver CPU ms per thumbnail (user + system; lower is better)")
+    print(f"{'input':<6}{'imgprocess':>12}{'thumbor':>10}{'ratio':>8}")
+    for name, (ours_ms, theirs_ms) in cpu_ms.items():
+        t = f"{theirs_ms:10.1f}" if theirs_ms else f"{'n/a':>10}"
+        r = f"{ours_ms / theirs_ms:8.2f}" if theirs_ms else f"{'n/a':>8}"
+        print(f"{name:<6}{ours_ms:12.1f}{t}{r}")
 
     # Peak RSS: a fresh process, 4 concurrent 50 MP uploads, three rounds.
     fresh = berth_service("imgprocess")
