@@ -79,18 +79,18 @@ class Metrics:
         try:
             m = cls()
             for route, status, n in doc["requests"]:
-                m.requests[(_str(route), _int(status))] += _int(n)
+                m.requests[(as_str(route), as_int(status))] += as_int(n)
             for route, hist in doc["latency"].items():
-                counts = [_int(c) for c in hist["counts"]]
+                counts = [as_int(c) for c in hist["counts"]]
                 if len(counts) != len(LATENCY_BUCKETS) + 1:
                     raise TypeError("latency: wrong number of buckets")
-                h = m.latency[_str(route)]
+                h = m.latency[as_str(route)]
                 h.counts = counts
-                h.sum = _num(hist["sum"])
+                h.sum = as_num(hist["sum"])
             for cluster, outcome, n in doc["tries"]:
-                m.tries[(_str(cluster), _str(outcome))] += _int(n)
+                m.tries[(as_str(cluster), as_str(outcome))] += as_int(n)
             for name in _SCALARS:
-                setattr(m, name, _int(doc[name]))
+                setattr(m, name, as_int(doc[name]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a metrics snapshot: {exc!r}") from None
         return m
@@ -165,19 +165,21 @@ _SCALARS = (
 )
 
 
-def _int(value: Any) -> int:
+# Type checks for snapshot JSON read back (here and in workers.py): a peer's
+# answer is data from another process, never trusted to have the right shape.
+def as_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer, got {type(value).__name__}")
     return value
 
 
-def _num(value: Any) -> float:
+def as_num(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"expected a number, got {type(value).__name__}")
     return float(value)
 
 
-def _str(value: Any) -> str:
+def as_str(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")
     return value

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from berth.gateway.cluster import ServerStatus
-from berth.gateway.metrics import Metrics
+from berth.gateway.metrics import Metrics, as_int, as_num
 
 if TYPE_CHECKING:
     from berth.gateway.discovery import Discovery
@@ -144,37 +144,25 @@ class WorkerSnapshot:
                 servers[(cluster, address)] = ServerHealth(
                     ServerStatus(status),
                     msg,
-                    _int(fail_num),
-                    _num(lastmodified),
-                    _int(active),
+                    as_int(fail_num),
+                    as_num(lastmodified),
+                    as_int(active),
                     _bool(up),
                 )
             return cls(
-                worker=_int(doc["worker"]),
-                pid=_int(doc["pid"]),
-                started=_num(doc["started"]),
+                worker=as_int(doc["worker"]),
+                pid=as_int(doc["pid"]),
+                started=as_num(doc["started"]),
                 metrics=Metrics.from_snapshot(doc["metrics"]),
                 servers=servers,
                 ready=_bool(doc["ready"]),
-                checks_done=_int(doc["checks_done"]),
-                last_check_time=_num(doc["last_check_time"]),
+                checks_done=as_int(doc["checks_done"]),
+                last_check_time=as_num(doc["last_check_time"]),
                 checker_alive=_bool(doc["checker_alive"]),
                 store_up=_bool(doc["store_up"]),
             )
         except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"not a worker snapshot: {exc}") from None
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {type(value).__name__}")
-    return value
-
-
-def _num(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
 
 
 def _bool(value: Any) -> bool:
