@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
+
+from berth.scheduler.usage import tree_usage
 
 LISTENING = re.compile(r"listening on (http://[\d.:]+)")
 REPORT_LUA = """
@@ -290,13 +291,11 @@ def start_berth(
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (nginx's worker)."""
-    proc = psutil.Process(pid)
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        times = p.cpu_times()
-        total += times.user + times.system
-    return total
+    """User + system CPU of a process and its children (nginx's worker), as the
+    scheduler measures its tasks."""
+    usage = tree_usage(pid)
+    assert usage is not None, f"process {pid} is gone"
+    return usage[1]
 
 
 def wrk(url: str, duration: int, connections: int, script: Path) -> dict[str, Any]:

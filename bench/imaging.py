@@ -43,6 +43,8 @@ import psutil
 import pyvips
 import uvloop
 
+from berth.scheduler.usage import tree_usage
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 THUMBOR_VENV = HERE / ".thumbor-venv"
@@ -323,13 +325,11 @@ def pillow_rate(data: bytes, fmt: str, concurrency: int, seconds: float) -> tupl
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children so far."""
-    proc = psutil.Process(pid)
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        times = p.cpu_times()
-        total += times.user + times.system
-    return total
+    """User + system CPU of a process and its children (nginx's worker), as the
+    scheduler measures its tasks."""
+    usage = tree_usage(pid)
+    assert usage is not None, f"process {pid} is gone"
+    return usage[1]
 
 
 def peak_rss(pid: int, run: Callable[[], None]) -> tuple[float, float]:

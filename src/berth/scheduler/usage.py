@@ -21,8 +21,9 @@ class LimitReader(Protocol):
     def in_force(self, task_id: str) -> dict[str, int | None]: ...
 
 
-def _measure(pid: int) -> tuple[int, float] | None:
-    """RSS bytes and CPU seconds of a task's whole process tree (sh + what it runs)."""
+def tree_usage(pid: int) -> tuple[int, float] | None:
+    """RSS bytes and CPU seconds (user + system) of a process and all its
+    descendants (a task's sh and what it runs); None when it is gone."""
     try:
         leader = psutil.Process(pid)
         procs = [leader, *leader.children(recursive=True)]
@@ -56,7 +57,7 @@ def task_usage(tasks: Sequence[Task], limiter: LimitReader | None) -> dict[str, 
                 held = limiter.in_force(task.id)
                 row["memoryLimitBytes"] = held.get("memory")
                 row["cpuQuotaMicros"] = held.get("cpu_quota")
-        if task.pid is not None and (measured := _measure(task.pid)) is not None:
+        if task.pid is not None and (measured := tree_usage(task.pid)) is not None:
             row["rssBytes"], row["cpuSeconds"] = measured[0], round(measured[1], 3)
         rows.append(row)
     return {"limits": limiter.kind if limiter is not None else "none", "tasks": rows}
