@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+import psutil
+
 from berth.gateway.cluster import ServerStatus
 from berth.gateway.metrics import Metrics, as_int, as_num
 
@@ -348,16 +350,6 @@ def _counters(metrics: Metrics) -> Metrics:
     return out
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # -- the sockets ---------------------------------------------------------------------------------
 
 
@@ -492,7 +484,7 @@ class PeerCollector:
         group: WorkerGroup,
         local: Callable[[], WorkerSnapshot],
         timeout: float = QUERY_TIMEOUT,
-        alive: Callable[[int], bool] = pid_alive,
+        alive: Callable[[int], bool] = psutil.pid_exists,
     ) -> None:
         self.group = group
         self._local = local
