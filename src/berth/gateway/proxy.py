@@ -906,7 +906,6 @@ class ClientProtocol(asyncio.Protocol):
         if (
             self._tunnel is ex
             or not ex.keep_alive
-            or self.closing
             or self.closes_after_current()
             or not (ex.body_complete or _discardable(ex))
         ):
