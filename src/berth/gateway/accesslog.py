@@ -22,7 +22,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from berth.gateway.metrics import METRICS, Metrics
 
@@ -34,14 +33,6 @@ FLUSH_BATCH = 1024  # lines: about 200 KiB, one thread hand-off and one write()
 # json.dumps' own C escaper for one string (quotes included); ensure_ascii=False
 # semantics, as the file is UTF-8.
 quote = json.encoder.encode_basestring
-
-
-def line(record: dict[str, Any]) -> bytes:
-    """A record as one log line (for callers off the hot path; the proxy
-    formats its fixed fields itself)."""
-    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode(
-        "utf-8", "replace"
-    )
 
 
 class IsoClock:
