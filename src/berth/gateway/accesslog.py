@@ -155,7 +155,10 @@ class AccessLog:
         # workers from interleaving inside a line.
         view = memoryview(b"".join(lines))
         while view:
-            view = view[os.write(fd, view) :]
+            # Not `view[os.write(fd, view):]`: compiled (setup.py), a call in
+            # a slice bound runs twice, and this one would write twice.
+            written = os.write(fd, view)
+            view = view[written:]
 
     def _open(self) -> int:
         if self._fd is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -31,16 +30,18 @@ def smooth_weighted(candidates: Sequence[Server]) -> Server:
     if len(candidates) == 1:
         return candidates[0]
     total = 0
-    best = candidates[0]
-    top = -math.inf  # the first server with the highest current weight wins ties
+    best: Server | None = None
+    top = 0
     for server in candidates:
         effective = server.effective_weight
         current = server.current_weight = server.current_weight + effective
         total += effective
         if effective < server.weight:
             server.effective_weight = effective + 1
-        if current > top:
+        # The first server with the highest current weight wins ties.
+        if best is None or current > top:
             best, top = server, current
+    assert best is not None  # candidates is not empty
     best.current_weight -= total
     return best
 

@@ -81,6 +81,10 @@ class ConcurrencyLimited(Unavailable):
     code = "concurrency_limited"
 
 
+class ClientGone(ConnectionError):
+    """The client closed its connection while its request was being served."""
+
+
 class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"

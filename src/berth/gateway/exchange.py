@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from berth.gateway import limits as limits_mod
 from berth.gateway.errors import (
+    ClientGone,
     GatewayError,
     UpstreamClosed,
     UpstreamError,
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 RETRY_STATUSES = frozenset({502, 503, 504})
-
-
-class ClientGone(ConnectionError):
-    """The client closed its connection while its request was being served."""
 
 
 def should_retry(

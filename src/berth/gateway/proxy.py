@@ -17,15 +17,17 @@ import os
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
 from berth.gateway import limits as limits_mod
-from berth.gateway.accesslog import IsoClock, quote
+from berth.gateway.accesslog import AccessLog, IsoClock, quote
+from berth.gateway.cluster import Cluster, Server
 from berth.gateway.config import GatewayConfig
 from berth.gateway.errors import (
     BadRequest,
+    ClientGone,
     ExpectationFailed,
     GatewayError,
     HeadersTooLarge,
@@ -41,19 +43,14 @@ from berth.gateway.errors import (
 from berth.gateway.exchange import (
     RETRY_STATUSES,
     ClientBodyFailed,
-    ClientGone,
     Exchange,
     ExchangeState,
     should_retry,
 )
 from berth.gateway.headers import upstream_request_head
 from berth.gateway.metrics import METRICS, Metrics
+from berth.gateway.routes import Route, RoutingTable
 from berth.gateway.upstream import UpstreamConnection, UpstreamPool
-
-if TYPE_CHECKING:
-    from berth.gateway.accesslog import AccessLog
-    from berth.gateway.cluster import Cluster, Server
-    from berth.gateway.routes import Route, RoutingTable
 
 log = logging.getLogger("berth.gateway.proxy")
 
@@ -113,7 +110,10 @@ class ProxyContext:
 
 @dataclass(slots=True)
 class _InFlight:
-    """A first attempt started synchronously by the fast path."""
+    """A first attempt started synchronously by the fast path.
+
+    Its field types are imported at run time, not under TYPE_CHECKING: the
+    compiled build (setup.py) resolves them when the module loads."""
 
     route: Route
     cluster: Cluster
@@ -207,8 +207,8 @@ class ClientProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._start_tunnel(data[upgrade.args[0] :])
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
+        except httptools.HttpParserCallbackError as failed:
+            cause = failed.__context__
             if isinstance(cause, GatewayError):
                 self._fail(cause)
             else:
@@ -783,8 +783,8 @@ class ClientProtocol(asyncio.Protocol):
                     return
                 ctx.metrics.observe_try(cluster.name, str(status))
                 last = _status_error(status, server.address)
-            except ClientBodyFailed as exc:
-                raise exc.cause from None
+            except ClientBodyFailed as failed:
+                raise failed.cause from None
             except UpstreamError as exc:
                 ok, error, last = False, exc.message, exc
                 ctx.metrics.observe_try(cluster.name, exc.code)
@@ -843,17 +843,16 @@ class ClientProtocol(asyncio.Protocol):
                 # A pooled connection the server had already closed: resend once
                 # on a new connection, which is not a failure of the server.
                 if (
-                    conn.requests > 1
-                    and not conn.received_any
-                    and not ex.response_started
-                    and ex.replayable
-                    and not fresh
+                    fresh
+                    or conn.requests <= 1
+                    or conn.received_any
+                    or ex.response_started
+                    or not ex.replayable
                 ):
-                    fresh = True
-                    continue
-                raise
+                    raise
             finally:
                 ex.detach()
+            fresh = True
 
     def _hash_key(self, ex: Exchange, route: Route) -> bytes | None:
         if route.hash_on == "ip":
