@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from berth.gateway.accesslog import AccessLog, IsoClock
+from berth.gateway.accesslog import AccessLog, IsoClock, json_bytes, json_text
 from berth.gateway.metrics import Metrics
 from berth.gateway.routes import Route
 from tests.gateway.conftest import raw_request
@@ -116,8 +116,29 @@ async def test_full_buffer_drops_are_counted(tmp_path) -> None:
 
 def test_iso_clock_formats_each_millisecond() -> None:
     clock = IsoClock()
-    assert clock(0.0) == "1970-01-01T00:00:00.000Z"
-    assert clock(0.0004) == "1970-01-01T00:00:00.000Z"
-    assert clock(1.9996) == "1970-01-01T00:00:01.999Z"
-    assert clock(86400 + 3723.25) == "1970-01-02T01:02:03.250Z"
-    assert clock(1.5) == "1970-01-01T00:00:01.500Z"  # backwards too
+    assert clock(0.0) == b"1970-01-01T00:00:00.000Z"
+    assert clock(0.0004) == b"1970-01-01T00:00:00.000Z"
+    assert clock(1.9996) == b"1970-01-01T00:00:01.999Z"
+    assert clock(86400 + 3723.25) == b"1970-01-02T01:02:03.250Z"
+    assert clock(1.5) == b"1970-01-01T00:00:01.500Z"  # backwards too
+
+
+def test_json_bytes_passes_plain_ascii_through_and_escapes_the_rest() -> None:
+    plain = b"/img/cat.jpg?w=300&fmt=webp"
+    assert json_bytes(plain) is plain
+    for raw in (
+        b'say "hi"',
+        b"back\\slash",
+        b"tab\there",
+        b"\x00\x1f\x7f",
+        b"caf\xe9",
+        b"\xff\xfe",
+    ):
+        out = json_bytes(raw)
+        assert json.loads(b'"' + out + b'"') == raw.decode("latin-1")
+
+
+def test_json_text_quotes_and_reuses() -> None:
+    assert json_text("img.example.com") == b'"img.example.com"'
+    assert json_text('odd"name') == b'"odd\\"name"'
+    assert json_text("img.example.com") is json_text("img.example.com")

@@ -34,6 +34,31 @@ FLUSH_BATCH = 1024  # lines: about 200 KiB, one thread hand-off and one write()
 # semantics, as the file is UTF-8.
 quote = json.encoder.encode_basestring
 
+# Bytes made only of these need no JSON escaping: printable ASCII but `"` and `\`.
+_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+_TEXT_CACHE: dict[str, bytes] = {}
+
+
+def json_bytes(value: bytes) -> bytes:
+    """A request's bytes (path, Host, User-Agent...) as the inside of a JSON
+    string. The common case, plain ASCII, is returned as it is: one scan in C
+    and no copy. Other bytes are read as Latin-1, so nothing is lost, and
+    escaped."""
+    if not value.translate(None, _PLAIN):
+        return value
+    return quote(value.decode("latin-1"))[1:-1].encode()
+
+
+def json_text(text: str) -> bytes:
+    """A JSON string (quotes included) for names from the configuration (route,
+    cluster, upstream address): few distinct values, so each is made once."""
+    quoted = _TEXT_CACHE.get(text)
+    if quoted is None:
+        if len(_TEXT_CACHE) >= 4096:  # route and server churn must not grow it forever
+            _TEXT_CACHE.clear()
+        quoted = _TEXT_CACHE[text] = quote(text).encode()
+    return quoted
+
 
 class IsoClock:
     """ISO-8601 UTC timestamps with milliseconds, for a clock that mostly moves
@@ -46,9 +71,9 @@ class IsoClock:
         self._millis = -1
         self._second = -1
         self._prefix = ""
-        self._text = ""
+        self._text = b""
 
-    def __call__(self, stamp: float) -> str:
+    def __call__(self, stamp: float) -> bytes:
         millis = int(stamp * 1000)
         if millis != self._millis:
             self._millis = millis
@@ -56,7 +81,7 @@ class IsoClock:
             if second != self._second:
                 self._second = second
                 self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._text = f"{self._prefix}.{ms:03d}Z"
+            self._text = f"{self._prefix}.{ms:03d}Z".encode()
         return self._text
 
 

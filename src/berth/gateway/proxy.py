@@ -22,7 +22,7 @@ from typing import Any, Protocol, cast
 import httptools
 
 from berth.gateway import limits as limits_mod
-from berth.gateway.accesslog import AccessLog, IsoClock, quote
+from berth.gateway.accesslog import AccessLog, IsoClock, json_bytes, json_text
 from berth.gateway.cluster import Cluster, Server
 from berth.gateway.config import GatewayConfig
 from berth.gateway.errors import (
@@ -130,7 +130,7 @@ class ClientProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client_ip = "-"
-        self._client_ip_json = '"-"'
+        self._client_ip_json = b'"-"'
         self.parser = httptools.HttpRequestParser(self)
         self.high_water = ctx.config.buffer_high_water
         self.current: Exchange | None = None  # the exchange being answered
@@ -173,7 +173,7 @@ class ClientProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip = str(peer[0])
-        self._client_ip_json = quote(self.client_ip)
+        self._client_ip_json = json_text(self.client_ip)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections_active += 1
         self.ctx.metrics.connections_total += 1
@@ -938,41 +938,38 @@ class ClientProtocol(asyncio.Protocol):
         ctx.metrics.observe_request(route, ex.status, elapsed, ex.body_bytes, ex.response_bytes)
         if ctx.access_log is None:
             return
-        # Formatted by hand, with json's C escaper for every string but the
-        # cluster name (a validated token): json.dumps of a dict costs about
-        # three times as much. Every field of the f-string is a str or an int:
-        # compiled (setup.py), one format spec or other type turns each field
-        # into a str.format call.
-        q = quote
-        request_ms = "%.3f" % (elapsed * 1000)
-        upstream_ms = "%.3f" % (ex.upstream_time * 1000)
-        upstream_status = str(ex.upstream_status) if ex.upstream_status else "null"
+        # One bytes %-format in C, with no escaping for plain ASCII values
+        # (json_bytes): json.dumps of a dict costs about four times as much.
         ctx.access_log.write(
-            (
-                f'{{"time":"{ctx.clock(ex.wall)}",'
-                f'"request_id":{q(ex.request_id.decode("latin-1"))},'
-                f'"client_ip":{self._client_ip_json},"host":{q(ex.host.decode("latin-1"))},'
-                f'"route":{q(route)},"cluster":"{ex.cluster_name or "-"}",'
-                f'"method":{_method_json(ex.method)},'
-                f'"path":{q(ex.url.decode("latin-1"))},"status":{ex.status},'
-                f'"upstream_addr":{q(ex.upstream_addr or "-")},'
-                f'"upstream_status":{upstream_status},"tries":{ex.tries},'
-                f'"request_bytes":{ex.body_bytes},"response_bytes":{ex.response_bytes},'
-                f'"request_time":{request_ms},"upstream_time":{upstream_ms},'
-                f'"user_agent":{q(ex.user_agent.decode("latin-1"))}}}\n'
-            ).encode("utf-8", "replace")
+            _LOG_LINE
+            % (
+                ctx.clock(ex.wall),
+                json_bytes(ex.request_id),
+                self._client_ip_json,
+                json_bytes(ex.host),
+                json_text(route),
+                json_text(ex.cluster_name or "-"),
+                ex.method,  # one of the methods the parser knows: plain letters
+                json_bytes(ex.url),
+                ex.status,
+                json_text(ex.upstream_addr or "-"),
+                b"%d" % ex.upstream_status if ex.upstream_status else b"null",
+                ex.tries,
+                ex.body_bytes,
+                ex.response_bytes,
+                elapsed * 1000,
+                ex.upstream_time * 1000,
+                json_bytes(ex.user_agent),
+            )
         )
 
 
-_METHODS: dict[bytes, str] = {}
-
-
-def _method_json(method: bytes) -> str:
-    # A handful of values (the parser accepts only the methods it knows).
-    text = _METHODS.get(method)
-    if text is None:
-        text = _METHODS[method] = quote(method.decode("latin-1"))
-    return text
+_LOG_LINE = (
+    b'{"time":"%s","request_id":"%s","client_ip":%s,"host":"%s","route":%s,'
+    b'"cluster":%s,"method":"%s","path":"%s","status":%d,"upstream_addr":%s,'
+    b'"upstream_status":%s,"tries":%d,"request_bytes":%d,"response_bytes":%d,'
+    b'"request_time":%.3f,"upstream_time":%.3f,"user_agent":"%s"}\n'
+)
 
 
 def _discardable(ex: Exchange) -> bool:
