@@ -90,7 +90,12 @@ def upstream_request_head(
                     client_ip=client_ip, request_id=request_id, body=body, upgrade=upgrade,
                 )  # fmt: skip
             continue
-        lines += (name, b": ", value, b"\r\n")
+        # Four appends, not `+= (name, b": ", value, b"\r\n")`: compiled
+        # (setup.py), that builds a tuple for every header.
+        lines.append(name)
+        lines.append(b": ")
+        lines.append(value)
+        lines.append(b"\r\n")
     ip = client_ip.encode()
     forwarded_for = forwarded_for + b", " + ip if forwarded_for else ip
     lines += (
@@ -145,7 +150,12 @@ def client_response_head(
             continue
         if lname == b"x-request-id":
             has_id = True
-        lines += (name, b": ", value, b"\r\n")
+        # Four appends, not `+= (name, b": ", value, b"\r\n")`: compiled
+        # (setup.py), that builds a tuple for every header.
+        lines.append(name)
+        lines.append(b": ")
+        lines.append(value)
+        lines.append(b"\r\n")
     if not has_id:
         lines += (b"X-Request-Id: ", request_id, b"\r\n")
     if upgrade is not None:

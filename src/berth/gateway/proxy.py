@@ -76,7 +76,11 @@ class TableSource(Protocol):
 
 @dataclass
 class ProxyContext:
-    """What every connection of one worker shares."""
+    """What every connection of one worker shares.
+
+    The types of its fields are imported at run time, not under TYPE_CHECKING:
+    the compiled build (setup.py) resolves a dataclass's field types when the
+    module loads."""
 
     config: GatewayConfig
     routes: TableSource
@@ -108,19 +112,30 @@ class ProxyContext:
         return b"%s%012x" % (self._id_prefix, self._id_counter)
 
 
-@dataclass(slots=True)
 class _InFlight:
     """A first attempt started synchronously by the fast path.
 
-    Its field types are imported at run time, not under TYPE_CHECKING: the
-    compiled build (setup.py) resolves them when the module loads."""
+    A plain class, not a dataclass: compiled (setup.py), a dataclass keeps the
+    interpreted __init__ the dataclasses module writes, and this one is made
+    for every request."""
 
-    route: Route
-    cluster: Cluster
-    server: Server
-    head: bytes
-    conn: UpstreamConnection | None  # None: no idle connection, the coroutine connects
-    started: float
+    __slots__ = ("cluster", "conn", "head", "route", "server", "started")
+
+    def __init__(
+        self,
+        route: Route,
+        cluster: Cluster,
+        server: Server,
+        head: bytes,
+        conn: UpstreamConnection | None,  # None: no idle connection, the coroutine connects
+        started: float,
+    ) -> None:
+        self.route = route
+        self.cluster = cluster
+        self.server = server
+        self.head = head
+        self.conn = conn
+        self.started = started
 
 
 class ClientProtocol(asyncio.Protocol):
