@@ -22,16 +22,18 @@ COMPILED := $(shell sed -n 's|^    "\(src/berth/gateway/.*\.py\)",$$|\1|p' setup
 BUILT    := src/berth/gateway/compiled.json
 
 $(BUILT): $(COMPILED) setup.py $(STAMP)
-ifeq ($(BERTH_PURE_PYTHON),1)
-	$(MAKE) pure
-else
 	$(BIN)/python setup.py --quiet build_ext --inplace
-endif
 
 pure:
 	rm -rf build src/*.so src/berth/gateway/*.so $(BUILT)
 
-run: $(BUILT)
+ifeq ($(BERTH_PURE_PYTHON),1)
+GATEWAY := pure $(STAMP)
+else
+GATEWAY := $(BUILT)
+endif
+
+run: $(GATEWAY)
 	$(BIN)/berth up
 
 lint: $(STAMP)
@@ -39,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check setup.py src tests bench
 	$(BIN)/mypy
 
-test: $(BUILT) lint
+test: $(GATEWAY) lint
 	$(BIN)/pytest -q
 
 # `make bench` runs every benchmark; `make bench-store` (gateway,
@@ -49,7 +51,7 @@ BENCHES := store gateway gateway_control scheduler imaging
 
 bench: $(addprefix bench-,$(BENCHES))
 
-bench-%: $(BUILT)
+bench-%: $(GATEWAY)
 	$(BIN)/python bench/$*.py
 
 clean:

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from berth.gateway.compiled import is_compiled
 from berth.gateway.config import GatewayConfig
 from berth.gateway.proxy import ClientProtocol, ProxyContext, TableSource
 from berth.gateway.upstream import UpstreamPool
@@ -137,7 +138,8 @@ class GatewayServer:
             lambda: ClientProtocol(ctx), sock=sock, backlog=BACKLOG
         )
         self.state = ServerState.SERVING
-        log.info("worker %d listening on %s", self.worker, self.url)
+        build = "compiled" if is_compiled() else "interpreted, see README"
+        log.info("worker %d listening on %s (data plane %s)", self.worker, self.url, build)
         if self.group is not None and self.worker != 0 and self.discovery is not None:
             self._answers = SnapshotServer(
                 self.group, self.worker, lambda: self.snapshot().to_json()
