@@ -17,6 +17,7 @@ from berth.services.config import ImageInfoConfig
 from berth.services.exif import decode_common
 from berth.services.imaging import JPEG, PNG, Probe, init_vips, probe, vips_errors
 from berth.services.shell import ServiceShell
+from berth.services.upload import Body
 
 NAME = "imageinfo"
 
@@ -66,7 +67,7 @@ class ImageInfoService:
     def __repr__(self) -> str:
         return f"<ImageInfoService {self.shell!r}>"
 
-    def _info(self, data: bytes) -> tuple[dict[str, Any], str]:
+    def _info(self, data: Body) -> tuple[dict[str, Any], str]:
         with vips_errors("cannot read image"):
             found = probe(data, self.config)
             return describe(found, len(data)), found.format.upyun

@@ -9,24 +9,35 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from berth.services.errors import BadRequest, BodyTooLarge, ClientDisconnected
+from berth.services.http import WHOLE_BODY, WholeBody
 
 FILE_FIELD = "file"
+
+# A large upload arrives as one bytearray (read straight into it, see http.py);
+# copying it into bytes would cost as much as the reading saved.
+Body = bytes | bytearray
 
 
 @dataclass(frozen=True)
 class Upload:
-    data: bytes
+    data: Body
     # Other multipart text fields (the pipeline's "operations", for example).
     fields: dict[str, str] = field(default_factory=dict)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> Body:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest(f"content-length {declared!r} is not a number")
         if int(declared) > limit:
             raise BodyTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
+    whole: WholeBody | None = request.scope.get("extensions", {}).get(WHOLE_BODY)
+    if whole is not None:
+        body = await whole()
+        if body is None:
+            raise ClientDisconnected("client left during the body")
+        return body
     chunks: list[bytes] = []
     size = 0
     # Chunked uploads have no declared length, so the cap is enforced as we go.
@@ -51,7 +62,7 @@ async def read_upload(request: Request, limit: int) -> Upload:
     return await _multipart(request, body)
 
 
-async def _multipart(request: Request, body: bytes) -> Upload:
+async def _multipart(request: Request, body: Body) -> Upload:
     sent = False
 
     async def replay() -> Message:
@@ -60,7 +71,7 @@ async def _multipart(request: Request, body: bytes) -> Upload:
         if sent:
             return {"type": "http.disconnect"}
         sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
 
     try:
         form = await Request(request.scope, replay).form(max_files=4, max_fields=16)

@@ -19,6 +19,7 @@ from berth.services.imgprocess import pipeline
 from berth.services.imgprocess.params import Plan, encode_b64, parse, parse_pairs
 from berth.services.pool import Admission
 from berth.services.shell import ServiceShell
+from berth.services.upload import Body
 
 NAME = "imgprocess"
 SEPARATOR = "!"
@@ -100,7 +101,7 @@ class ImgProcessService:
         image = pyvips.Image.new_from_buffer(data, "", fail_on="truncated")
         return pipeline.to_srgb(image, honour_icc=True)
 
-    async def _run(self, request: Request, place: Admission, data: bytes, plan: Plan) -> Response:
+    async def _run(self, request: Request, place: Admission, data: Body, plan: Plan) -> Response:
         accept = request.headers.get("accept")
         out = await self.shell.work(
             place, lambda: pipeline.process(data, plan, accept, self.config, self._load_watermark)

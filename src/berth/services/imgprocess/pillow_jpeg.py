@@ -19,16 +19,46 @@ Anything Pillow refuses falls back to libvips, which gives the same answers
 from __future__ import annotations
 
 import io
+from typing import IO, cast
 
 import pyvips
 from PIL import Image
 
 from berth.services.imaging import Probe
+from berth.services.upload import Body
 
 _MODES = ("RGB", "L")
 
 
-def decode_shrunk(data: bytes, found: Probe, shrink: int) -> pyvips.Image | None:
+class MemoryFile:
+    """read/seek/tell over a buffer, for Pillow: ``io.BytesIO`` copies a
+    bytearray whole before the first read (bytes it shares)."""
+
+    def __init__(self, data: Body) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryFile {self._pos}/{len(self._view)}>"
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else min(len(self._view), self._pos + size)
+        chunk = self._view[self._pos : end].tobytes() if end > self._pos else b""
+        self._pos = max(self._pos, end)
+        return chunk
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def decode_shrunk(data: Body, found: Probe, shrink: int) -> pyvips.Image | None:
     """The JPEG in ``data`` decoded at 1/``shrink`` scale, or None to use libvips."""
     width, height = found.width, found.height
     # libjpeg rounds a scaled size up; libvips drops that last, partial block.
@@ -36,7 +66,8 @@ def decode_shrunk(data: bytes, found: Probe, shrink: int) -> pyvips.Image | None
     if min(size) < 1 or width * height > (Image.MAX_IMAGE_PIXELS or width * height):
         return None  # Pillow would warn or refuse where our own limits allowed it
     try:
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+        reader = io.BytesIO(data) if isinstance(data, bytes) else cast(IO[bytes], MemoryFile(data))
+        with Image.open(reader, formats=["JPEG"]) as image:
             if image.mode not in _MODES or image.size != (width, height):
                 return None
             image.draft(image.mode, size)

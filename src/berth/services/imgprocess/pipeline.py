@@ -28,6 +28,7 @@ from berth.services.imaging import (
     Format,
     Probe,
     check_decodable,
+    open_image,
     probe,
     time_limit,
     vips_errors,
@@ -36,6 +37,7 @@ from berth.services.imaging import (
 from berth.services.imgprocess import geometry, pillow_jpeg
 from berth.services.imgprocess.negotiate import choose
 from berth.services.imgprocess.params import FONTS, RGBA, Plan, Watermark
+from berth.services.upload import Body
 
 WatermarkLoader = Callable[[str], pyvips.Image]
 
@@ -306,7 +308,7 @@ def needs_random_access(plan: Plan, found: Probe, target: geometry.Target | None
 
 
 def load(
-    data: bytes, found: Probe, plan: Plan, animated: bool
+    data: Body, found: Probe, plan: Plan, animated: bool
 ) -> tuple[pyvips.Image, geometry.Target | None]:
     """The decoded (lazy) image and the resize target, shrinking on load where possible."""
     oriented = plan.autoorient and not animated
@@ -330,7 +332,7 @@ def load(
         factor = max(target.width / width, target.height / height)
         if factor < 1:
             options["scale"] = factor
-    return pyvips.Image.new_from_buffer(data, "", **options), target
+    return open_image(data, **options), target
 
 
 def save(image: pyvips.Image, fmt: Format, plan: Plan, quality: int) -> bytes:
@@ -367,7 +369,7 @@ def save(image: pyvips.Image, fmt: Format, plan: Plan, quality: int) -> bytes:
 
 
 def process(
-    data: bytes,
+    data: Body,
     plan: Plan,
     accept: str | None,
     config: ImgProcessConfig,
