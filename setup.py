@@ -12,6 +12,18 @@ build.
 ``BERTH_PURE_PYTHON=1`` skips the compiled build, and it is skipped with a
 warning when it cannot be made (no C compiler). Project metadata is in
 pyproject.toml; this file only adds the extension modules.
+
+Where compiled code differs from CPython (each found here the hard way; the
+suite runs on the compiled build, tests/gateway/test_compiled.py guards the
+first two):
+- a call in a slice bound runs twice (``view[os.write(fd, view):]`` wrote twice);
+- an except-name gets one type per function (a second ``except B as exc``
+  after ``except A as exc`` raises TypeError);
+- third-party stubs are trusted at run time: httptools' declare URL parts as
+  never None, so reading an absent one raises TypeError unless read as Any;
+- for speed: an f-string with a format spec becomes one str.format call per
+  field, and a dataclass keeps the interpreted ``__init__`` (not for objects
+  made per request).
 """
 
 from __future__ import annotations

@@ -46,6 +46,40 @@ async def test_routes_by_host_and_passes_headers(make_gateway, upstreams) -> Non
         }
 
 
+async def test_absolute_form_target_routes_by_its_authority(make_gateway, upstreams) -> None:
+    # RFC 9112 3.2.2: a request target in absolute form overrides Host; an
+    # absent port, path or query must not fail (the parser gives None for them).
+    a = await upstreams("a")
+    b = await upstreams("b")
+    gw = await make_gateway()
+    gw.routes.set(
+        [Route("img.example.com", "/", "ca"), Route("other.example.com", "/", "cb")],
+        {"ca": [("127.0.0.1", a.port)], "cb": [("127.0.0.1", b.port)]},
+    )
+    cases = [
+        (b"http://img.example.com/x?q=1", "a", "/x", "q=1", "img.example.com"),
+        (b"http://img.example.com:8080/y", "a", "/y", "", "img.example.com:8080"),
+        (b"http://img.example.com", "a", "/", "", "img.example.com"),
+        (b"http://img.example.com?only=query", "a", "/", "only=query", "img.example.com"),
+        (b"https://user@IMG.example.com:443/z", "a", "/z", "", "IMG.example.com:443"),
+    ]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        for target, upstream, path, query, host in cases:
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+            status, _, body = await read_response(reader)
+            assert status == 200, (target, body)
+            doc = json.loads(body)
+            assert doc["upstream"] == upstream, target
+            assert (doc["path"], doc["query"]) == (path, query), target
+            assert doc["headers"]["host"] == host, target
+        writer.write(b"GET http://svc:99999/ HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+        status, _, body = await read_response(reader)
+        assert status == 400 and json.loads(body)["error"] == "malformed request target"
+    finally:
+        writer.close()
+
+
 async def test_hop_by_hop_headers_removed_and_request_id_kept(make_gateway, upstreams) -> None:
     a = await upstreams("a")
     gw = await make_gateway()

@@ -55,8 +55,8 @@ def check_fresh(directory: Path = HERE) -> None:
     if stale:
         raise StaleBuild(
             f"the compiled gateway is older than its source ({', '.join(stale)}): "
-            "rebuild it with `make` (or `pip install -e .`), or build without it "
-            "with BERTH_PURE_PYTHON=1"
+            "rebuild it with `make` (or `pip install -e .`), or remove it with "
+            "`make pure` to run the gateway interpreted"
         )
 
 

@@ -350,13 +350,20 @@ class ClientProtocol(asyncio.Protocol):
 
     def _absolute_form(self, ex: Exchange) -> None:
         try:
-            parsed = httptools.parse_url(ex.url)
+            # Any, not httptools' stub type: its stubs declare port, path and
+            # query as never None, and the compiled build (setup.py) trusts
+            # them and raises TypeError on the None an absent part gives.
+            parsed: Any = httptools.parse_url(ex.url)
         except httptools.HttpParserInvalidURLError:
             ex.error = BadRequest("malformed request target")
             return
-        if parsed.host:
-            ex.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
-        ex.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        host: bytes | None = parsed.host
+        port: int | None = parsed.port
+        path: bytes | None = parsed.path
+        query: bytes | None = parsed.query
+        if host:
+            ex.host = host + (b":%d" % port if port else b"")
+        ex.url = (path or b"/") + (b"?" + query if query else b"")
 
     def _enqueue(self, ex: Exchange) -> None:
         if self.current is None:
