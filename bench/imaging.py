@@ -374,6 +374,8 @@ def main() -> None:
         f"{CORES} cores, libvips {pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}, "
         f"concurrency {args.concurrency}, {args.seconds:.0f} s per run, {args.client} client"
     )
+    # The machine is shared: other work running beside the bench moves every figure.
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     for name in ("jpg", "png", "webp"):
         image = pyvips.Image.new_from_file(str(images[name]))
         size = images[name].stat().st_size / 2**20
@@ -474,6 +476,7 @@ def main() -> None:
         info.stop()
     print(f"imageinfo, 24 MP JPEG, 4 connections: {rate:.0f} requests/s ({errors} errors)  "
           f"target >= 150/s")  # fmt: skip
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":
