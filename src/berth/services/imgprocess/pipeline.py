@@ -9,6 +9,7 @@ geometric operation means the same on a GIF as on a JPEG.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 from collections.abc import Callable
@@ -55,9 +56,59 @@ class Output:
 # --- colour -------------------------------------------------------------------------------
 
 
+# Levels per channel of the colour cube a profile is tried on: 32768 colours.
+_CUBE_LEVELS = 32
+# Verdicts by profile digest (profiles can be hundreds of KB; digests are 16 bytes).
+_srgb_verdicts: dict[bytes, bool] = {}
+_SRGB_VERDICTS_KEPT = 256
+
+
+def is_srgb_profile(profile: bytes) -> bool:
+    """Whether converting 8-bit RGB from ``profile`` to sRGB moves no colour by more than 1.
+
+    Photos exported for the web mostly carry an sRGB profile; converting them
+    through it changes nothing, yet cost 3.9 ms per 750x500 thumbnail (twice the
+    resize): libvips goes through float Lab. The answer is found once per
+    distinct profile, on a colour cube, and kept. A profile libvips cannot use
+    on RGB (broken, or for CMYK) counts as sRGB: libvips converts from sRGB then.
+    """
+    digest = hashlib.blake2b(profile, digest_size=16).digest()
+    verdict = _srgb_verdicts.get(digest)
+    if verdict is None:
+        verdict = _converts_to_itself(profile)
+        if len(_srgb_verdicts) >= _SRGB_VERDICTS_KEPT:
+            _srgb_verdicts.clear()  # many distinct profiles: start over, each costs ~5 ms
+        _srgb_verdicts[digest] = verdict
+    return verdict
+
+
+def _converts_to_itself(profile: bytes) -> bool:
+    levels = _CUBE_LEVELS
+    xyz = pyvips.Image.xyz(levels * levels, levels)
+    step = 255 / (levels - 1)
+    red = (xyz[0] % levels) * step
+    green = (xyz[0] / levels).floor() * step
+    blue = xyz[1] * step
+    cube = red.bandjoin([green, blue]).cast("uchar").copy(interpretation="srgb")
+    cube.set_type(pyvips.GValue.blob_type, "icc-profile-data", profile)
+    try:
+        out = cube.icc_transform("srgb", embedded=True, intent="perceptual")
+        return bool(out.bands == 3 and (out.cast("int") - cube.cast("int")).abs().max() <= 1)
+    except pyvips.Error:  # the conversion failed: keep it, and its error handling, in to_srgb
+        return False
+
+
 def to_srgb(image: pyvips.Image, honour_icc: bool) -> pyvips.Image:
     """8-bit sRGB (plus alpha), with the embedded profile applied unless told not to."""
     has_icc = image.get_typeof("icc-profile-data") != 0
+    if (
+        has_icc
+        and honour_icc
+        and image.format == "uchar"
+        and image.interpretation == "srgb"
+        and is_srgb_profile(image.get("icc-profile-data"))
+    ):
+        honour_icc = False  # the pixels are sRGB already
     if has_icc and honour_icc:
         try:
             image = image.icc_transform("srgb", embedded=True, intent="perceptual")
