@@ -115,14 +115,19 @@ class Exchange:
     )
 
     def __init__(
-        self, client: ClientProtocol, method: bytes, url: bytes, request_id: bytes
+        self,
+        client: ClientProtocol,
+        method: bytes,
+        url: bytes,
+        request_id: bytes,
+        headers: list[tuple[bytes, bytes]],
     ) -> None:
         self.client = client
         self.method = method
         self.head_only = method == b"HEAD"
         self.url = url
         self.request_id = request_id
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers = headers
         self.host = b""
         self.http10 = False
         self.keep_alive = True
@@ -135,10 +140,12 @@ class Exchange:
         self.state = ExchangeState.QUEUED
         self.started = client.loop.time()  # the clock upstream_time is measured on
         self.wall = time.time()
-        # Request body: received but not yet sent upstream, and a copy of what
-        # was sent to the current upstream (None once past the retry buffer).
-        self.body: deque[bytes] = deque()
-        self.tunnel: list[bytes] = []  # client bytes after an upgrade request, held until 101
+        # Request body: received but not yet sent upstream (made on first
+        # use: most requests have none), and a copy of what was sent to the
+        # current upstream (None once past the retry buffer).
+        self.body: deque[bytes] | None = None
+        # Client bytes after an upgrade request, held until 101 (made on first use).
+        self.tunnel: list[bytes] | None = None
         self.buffered = 0
         self.body_bytes = 0
         self.body_complete = False
@@ -189,6 +196,8 @@ class Exchange:
         if self.conn is not None and not self.discarding:
             self._send_body(data)
         elif not self.response_started:
+            if self.body is None:
+                self.body = deque()
             self.body.append(data)
             self.buffered += len(data)
             if self.buffered > self.client.high_water:
@@ -218,16 +227,21 @@ class Exchange:
         self.discarding = False
         self.request_sent = True
         self.conn = conn
-        if self.sent:
+        sent = self.sent
+        if sent is None:
+            self.sent = []
+        elif sent:
             # A retry: what the previous upstream got is sent again first.
-            self.body.extendleft(reversed(self.sent))
+            if self.body is None:
+                self.body = deque()
+            self.body.extendleft(reversed(sent))
             self.buffered += self.sent_bytes
-        self.sent = []
+            sent.clear()
         self.sent_bytes = 0
         conn.begin(self, head, head_only=self.head_only, read=read, send=send)
-        while self.body:
-            data = self.body.popleft()
-            self._send_body(data)
+        body = self.body
+        while body:
+            self._send_body(body.popleft())
         self.buffered = 0
         self.client.resume_reading("buffer")
         if self.body_complete:
@@ -278,9 +292,10 @@ class Exchange:
                 if name.lower() == b"upgrade":
                     upgrade = value
             framing = "none"
-            for data in self.tunnel:
-                conn.write(data)
-            self.tunnel.clear()
+            if self.tunnel is not None:
+                for data in self.tunnel:
+                    conn.write(data)
+                self.tunnel = None
             self.buffered = 0
             client.resume_reading("buffer")
         elif self.head_only or status in (204, 304):
