@@ -472,18 +472,26 @@ class Cluster:
         """Choose a server: the first level with an available server, by the route's policy;
         protect mode returns the least-bad server when none is available anywhere;
         None only when the cluster has no servers (or all are excluded)."""
-        now = time.monotonic()
-        wall = time.time()
+        # Clocks are read only when a server is ejected or down: the common
+        # request reads none.
+        now = wall = -1.0
         err = ServerStatus.ERR
         for index, level in enumerate(self.levels):
             # Server.available, inlined: this runs for every server on every request.
-            candidates = [
-                s
-                for s in level
-                if (s.ejection is None or s.ejection.until <= wall)
-                and (s.health is not err or now >= s.down_until)
-                and s not in exclude
-            ]
+            candidates: list[Server] = []
+            for s in level:
+                if s.ejection is not None:
+                    if wall < 0:
+                        wall = time.time()
+                    if s.ejection.until > wall:
+                        continue
+                if s.health is err:
+                    if now < 0:
+                        now = time.monotonic()
+                    if now < s.down_until:
+                        continue
+                if s not in exclude:
+                    candidates.append(s)
             if not candidates:
                 continue
             if route.lb == "hash" and hash_key is not None:
@@ -498,7 +506,7 @@ class Cluster:
             return balancer.smooth_weighted(candidates)
         if not self.protected:
             return None
-        return self.least_bad(exclude, now, wall)
+        return self.least_bad(exclude, now if now >= 0 else None, wall if wall >= 0 else None)
 
     def least_bad(
         self, exclude: Collection[Server] = (), now: float | None = None, wall: float | None = None
@@ -542,7 +550,8 @@ class Cluster:
     def on_request_end(self, server: Server, ok: bool, error: str | None) -> None:
         if server.active > 0:
             server.active -= 1
-        server.record_request(ok, error, time.monotonic())
+        # The clock dates a failure's fail_timeout; a success needs none.
+        server.record_request(ok, error, 0.0 if ok else time.monotonic())
 
 
 def server_from_spec(
