@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from berth.gateway.compiled import is_compiled
 from berth.scheduler.usage import tree_usage
 
 LISTENING = re.compile(r"listening on (http://[\d.:]+)")
@@ -384,9 +385,10 @@ def main() -> None:
         pids = {"nginx": procs[1].pid, "berth": gw.pid, "aiohttp": procs[2].pid,
                 "floor": procs[3].pid}  # fmt: skip
 
+        build = "compiled with mypyc" if is_compiled() else "interpreted (no compiled build)"
         print(
             f"\ngateway benchmark: wrk -t1, {opts.duration}s per run, "
-            f"{os.cpu_count()} cores shared by all processes\n"
+            f"{os.cpu_count()} cores shared by all processes; berth's data plane {build}\n"
         )
         get: dict[str, dict[str, Any]] = {}
         put: dict[str, dict[str, Any]] = {}

@@ -22,7 +22,7 @@ from typing import Any, Protocol, cast
 import httptools
 
 from berth.gateway import limits as limits_mod
-from berth.gateway.accesslog import AccessLog, IsoClock, json_bytes, json_text
+from berth.gateway.accesslog import AccessLog, IsoClock, json_bytes, json_text, quote
 from berth.gateway.cluster import Cluster, Server
 from berth.gateway.config import GatewayConfig
 from berth.gateway.errors import (
@@ -191,7 +191,7 @@ class ClientProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip = str(peer[0])
-        self._client_ip_json = json_text(self.client_ip)
+        self._client_ip_json = quote(self.client_ip).encode()  # once per connection
         self.ctx.connections.add(self)
         self.ctx.metrics.connections_active += 1
         self.ctx.metrics.connections_total += 1
