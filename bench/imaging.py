@@ -29,6 +29,7 @@ import io
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -384,6 +385,8 @@ def main() -> None:
     thumbor_bin = None if args.no_thumbor else install_thumbor()
     rows: list[tuple[str, float, float | None, float]] = []
     cpu_ms: dict[str, tuple[float, float | None]] = {}  # per thumbnail: imgprocess, thumbor
+    # imgprocess / thumbor of each round (a burst of other work can hit one round).
+    round_ratios: dict[str, list[float]] = {}
     imgprocess = berth_service("imgprocess")
     thumbor = None
     try:
@@ -398,12 +401,14 @@ def main() -> None:
             totals = {"ours": [0, 0.0], "thumbor": [0, 0.0], "pillow": [0, 0.0]}
             cpu = {"ours": 0.0, "thumbor": 0.0}
             slice_ = args.seconds / args.rounds
+            ratios: list[float] = []
             for _ in range(args.rounds):
                 before = cpu_seconds(imgprocess.pid)
                 done, took, errors = load("PUT", url, data, args.concurrency, slice_)
                 cpu["ours"] += cpu_seconds(imgprocess.pid) - before
                 totals["ours"][0] += done
                 totals["ours"][1] += took
+                ours_round = done / took
                 if errors:
                     print(f"  ({errors} imgprocess errors on {name})")
                 if thumbor is not None:
@@ -412,6 +417,8 @@ def main() -> None:
                     cpu["thumbor"] += cpu_seconds(thumbor.pid) - before
                     totals["thumbor"][0] += done
                     totals["thumbor"][1] += took
+                    if done:
+                        ratios.append(ours_round / (done / took))
                 done, took = pillow_rate(data, pil_format, args.concurrency, slice_)
                 totals["pillow"][0] += done
                 totals["pillow"][1] += took
@@ -419,6 +426,7 @@ def main() -> None:
             rows.append((name, rate["ours"], rate["thumbor"] or None, rate["pillow"]))
             per = {k: cpu[k] * 1000 / totals[k][0] if totals[k][0] else 0.0 for k in cpu}
             cpu_ms[name] = (per["ours"], per["thumbor"] or None)
+            round_ratios[name] = sorted(ratios)
     finally:
         imgprocess.stop()
         if thumbor is not None:
@@ -433,6 +441,11 @@ def main() -> None:
         ratio = f"{ours_rate / theirs_rate:11.2f}x" if theirs_rate else f"{'n/a':>12}"
         vs_pillow = f"{ours_rate / pil_rate:10.2f}x"
         print(f"{name:<6}{ours_rate:12.1f}{t}{pil_rate:9.1f}{ratio}{vs_pillow}  {target}")
+    for name, ratios in round_ratios.items():
+        if ratios:
+            listed = " ".join(f"{r:.2f}" for r in ratios)
+            median = statistics.median(ratios)
+            print(f"  {name} vs thumbor by round: {listed} (median {median:.2f})")
     # Steadier than req/s on a shared machine: each server's own CPU per thumbnail
     # (imgprocess also receives the upload; thumbor reads the file from disk).
     print("\nserver CPU ms per thumbnail (user + system; lower is better)")
