@@ -312,7 +312,7 @@ async def test_colour_management(imgprocess: httpx.AsyncClient) -> None:
 
 
 async def test_both_jpeg_decoders_give_the_same_thumbnail(imgprocess: httpx.AsyncClient) -> None:
-    # A stripped JPEG thumbnail is decoded by Pillow, one keeping EXIF by libvips:
+    # A stripped JPEG thumbnail is decoded by TurboJPEG, one keeping EXIF by libvips:
     # with a P3 profile and a turn, the two routes must agree pixel for pixel.
     p3 = stored_for_orientation(quadrants(480, 360), 6).icc_export(output_profile="p3")
     p3.set_type(pyvips.GValue.gint_type, "orientation", 6)

@@ -123,7 +123,7 @@ def test_large_uploads_keep_alive_and_pipelined(loop: str) -> None:
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_large_jpeg_through_pillow_and_expect_continue(loop: str) -> None:
+def test_large_jpeg_through_turbojpeg_and_expect_continue(loop: str) -> None:
     data = big_jpeg()
 
     async def test(client: httpx.AsyncClient, _: Any) -> None:

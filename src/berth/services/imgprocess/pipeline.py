@@ -35,7 +35,7 @@ from berth.services.imaging import (
     vips_errors,
     vips_message,
 )
-from berth.services.imgprocess import geometry, pillow_jpeg
+from berth.services.imgprocess import geometry, turbo_jpeg
 from berth.services.imgprocess.negotiate import choose
 from berth.services.imgprocess.params import FONTS, RGBA, Plan, Watermark
 from berth.services.upload import Body
@@ -374,7 +374,7 @@ def load(
     if target is not None and found.format is JPEG:
         shrink = geometry.jpeg_shrink(width, height, target)
         if shrink > 1 and plan.strip and not plan.exifswitch:
-            fast = pillow_jpeg.decode_shrunk(data, found, shrink)
+            fast = turbo_jpeg.decode_shrunk(data, found, shrink)
             if fast is not None:
                 return fast, target
         if shrink > 1:

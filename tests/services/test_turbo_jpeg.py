@@ -1,4 +1,4 @@
-"""The Pillow route for JPEG shrink-on-load gives libvips' pixels, or steps aside."""
+"""The TurboJPEG route for JPEG shrink-on-load gives libvips' pixels, or steps aside."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pyvips
 
 from berth.services.config import ImgProcessConfig
 from berth.services.imaging import probe
-from berth.services.imgprocess.pillow_jpeg import decode_shrunk
+from berth.services.imgprocess.turbo_jpeg import decode_shrunk
 
 from .images import decode, jpeg, quadrants, solid, stored_for_orientation
 
@@ -54,3 +54,13 @@ def test_steps_aside_for_cmyk_and_broken_files() -> None:
     whole = jpeg(texture(400, 300))
     truncated = whole[: len(whole) // 2]
     assert decode_shrunk(truncated, probe(whole, CONFIG), 2) is None
+
+
+def test_steps_aside_for_small_images_and_reads_bytearrays() -> None:
+    # Below 64 px a scale of 3/8 can give 1/2's size with other pixels.
+    small = jpeg(texture(40, 300))
+    assert decode_shrunk(small, probe(small, CONFIG), 2) is None
+    data = bytearray(jpeg(texture(400, 300)))  # how a large upload arrives
+    fast = decode_shrunk(data, probe(data, CONFIG), 8)
+    assert fast is not None and (fast.width, fast.height) == (50, 37)
+    assert (fast.cast("int") - decode(bytes(data), shrink=8).cast("int")).abs().max() == 0
