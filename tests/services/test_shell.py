@@ -177,7 +177,7 @@ def test_real_process_serves_and_drains_on_sigterm() -> None:
 
 def test_service_config_layers_and_bad_values(tmp_path: Any) -> None:
     from berth.config import ConfigError, load
-    from berth.services.config import ImgProcessConfig
+    from berth.services.config import ImgProcessConfig, default_workers
 
     toml = tmp_path / "berth.toml"
     toml.write_text("[imgprocess]\nworkers = 3\nlimit_pixels = 1000\n")
@@ -189,6 +189,8 @@ def test_service_config_layers_and_bad_values(tmp_path: Any) -> None:
         load(ImgProcessConfig, "imgprocess", {"watermark_dir": str(tmp_path / "no")}, env={})
     with pytest.raises(ConfigError, match="workers"):
         load(ImgProcessConfig, "imgprocess", {"workers": 0}, env={})
+    # One per core and one for the moments a worker waits.
+    assert load(ImgProcessConfig, "imgprocess", {}, env={}).workers == default_workers() >= 2
 
 
 def test_watchdog_fires_in_deadline_order_and_skips_cancelled() -> None:

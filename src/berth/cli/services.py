@@ -49,7 +49,7 @@ async def _serve(service: Any) -> None:
 _options = [
     click.option("--host", default=None, help="Address to bind (default 127.0.0.1)."),
     click.option("--port", type=int, default=None, help="Port (default: $PORT, else any free)."),
-    click.option("--workers", type=int, default=None, help="Worker threads (default: cores)."),
+    click.option("--workers", type=int, default=None, help="Worker threads (default: cores + 1)."),
 ]
 
 

@@ -28,7 +28,7 @@ def cgroup_cpus(cpu_max: str) -> float | None:
 
 def _cores() -> int:
     # The scheduler may pin us to fewer cores than the host has, by affinity
-    # or by a cgroup CPU quota; more threads than that only contend.
+    # or by a cgroup CPU quota.
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -43,11 +43,23 @@ def _cores() -> int:
     return max(1, cores)
 
 
+def default_workers() -> int:
+    """One worker per core, plus one.
+
+    A worker also waits: for libvips' own thread, which runs its resize and
+    encode, and for the GIL. With one per core its core then idles unless another
+    has work in hand. Measured on 2 cores with 4 concurrent 24 MP thumbnails:
+    machine idle 3.5% -> 1.5%, 2-3% more JPEG and PNG thumbnails/s, the same CPU
+    per thumbnail; a fourth added nothing.
+    """
+    return _cores() + 1
+
+
 class ServiceConfig(ComponentConfig):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
-    # Threads decoding images; more than the cores only adds contention.
-    workers: int = Field(default_factory=_cores, ge=1, le=256)
+    # Threads processing images (see default_workers).
+    workers: int = Field(default_factory=default_workers, ge=1, le=256)
     # Requests admitted beyond the running ones; above this the answer is 503.
     # Bodies are read only once admitted, so uploads held in memory are at most
     # (workers + limit_queue) x limit_body_bytes.

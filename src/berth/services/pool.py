@@ -1,11 +1,11 @@
 """A bounded thread pool for libvips work, with admission control on the event loop.
 
 libvips releases the GIL while it computes, so threads give real parallelism;
-the pool is sized to the cores because more threads only fight over them. A
-request takes its place *before* its body is read, so at most
-``workers + queue`` uploads are ever held in memory; beyond that the answer is
-an immediate 503 with Retry-After, instead of queueing without bound and
-timing out everybody.
+the pool has one thread per core and one more (config.default_workers), for
+the moments a worker waits on libvips' own thread or the GIL. A request takes
+its place *before* its body is read, so at most ``workers + queue`` uploads are
+ever held in memory; beyond that the answer is an immediate 503 with
+Retry-After, instead of queueing without bound and timing out everybody.
 """
 
 from __future__ import annotations
