@@ -90,11 +90,11 @@ def extensions() -> list[Any]:
         from mypyc.build import mypycify
     except ImportError:
         return []
-    # mypyc type-checks what it compiles. When pip builds the package the
-    # third-party dependencies may not be installed yet, so they are read as Any
-    # (as httptools, which has no stubs, always is) and the strict checks that
-    # would reject that are left to `make lint`, which runs them with
-    # everything installed. Either way the compiled code is the same.
+    # mypyc type-checks what it compiles. When pip builds the package in an
+    # isolated environment the third-party dependencies are not installed, so
+    # their values are read as Any (generic, never stricter: see the note on
+    # stubs above), and the strict checks that would reject that are left to
+    # `make lint`, which runs them with everything installed.
     options = ["--config-file=", "--ignore-missing-imports", "--follow-imports=silent"]
     return list(mypycify([*options, *COMPILED], group_name="berth_gateway"))
 
