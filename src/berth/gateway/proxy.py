@@ -144,7 +144,16 @@ class _InFlight:
 class ClientProtocol(asyncio.Protocol):
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
-        self.config = ctx.config
+        self.config = cfg = ctx.config
+        # Read for every request (some for every header): the config is a
+        # pydantic model, whose attribute reads are generic lookups; these
+        # copies are struct fields in the compiled build.
+        self._max_url_bytes = cfg.limit_url_bytes
+        self._max_header_bytes = cfg.limit_header_bytes
+        self._max_header_count = cfg.limit_header_count
+        self._max_head_bytes = cfg.limit_header_bytes + cfg.limit_url_bytes
+        self._header_timeout = cfg.client_header_timeout
+        self._idle_timeout = cfg.client_idle_timeout
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client_ip = "-"
@@ -235,8 +244,7 @@ class ClientProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(BadRequest(f"malformed request: {exc}"))
         else:
-            limit = self.config.limit_header_bytes + self.config.limit_url_bytes
-            if self._in_head and self._head_bytes > limit:
+            if self._in_head and self._head_bytes > self._max_head_bytes:
                 self._fail(HeadersTooLarge("request headers are too large"))
 
     def eof_received(self) -> bool | None:
@@ -266,22 +274,20 @@ class ClientProtocol(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._head_started = now = self.loop.time()
-        self._timer_by(now + self.config.client_header_timeout)
+        self._timer_by(now + self._header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.config.limit_url_bytes:
-            raise URITooLong(f"request target is over {self.config.limit_url_bytes} bytes")
+        if len(self._url) > self._max_url_bytes:
+            raise URITooLong(f"request target is over {self._max_url_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.config.limit_header_bytes:
-            raise HeadersTooLarge(
-                f"request headers are over {self.config.limit_header_bytes} bytes"
-            )
-        if len(self._headers) > self.config.limit_header_count:
-            raise HeadersTooLarge(f"more than {self.config.limit_header_count} request headers")
+        if self._header_bytes > self._max_header_bytes:
+            raise HeadersTooLarge(f"request headers are over {self._max_header_bytes} bytes")
+        if len(self._headers) > self._max_header_count:
+            raise HeadersTooLarge(f"more than {self._max_header_count} request headers")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -965,7 +971,7 @@ class ClientProtocol(asyncio.Protocol):
             self.resume_reading("pipeline")
             self._begin(nxt)
         else:
-            self._timer_by(self._idle_since + self.config.client_idle_timeout)
+            self._timer_by(self._idle_since + self._idle_timeout)
 
     def _record(self, ex: Exchange) -> None:
         elapsed = self.loop.time() - ex.started
