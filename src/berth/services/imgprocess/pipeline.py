@@ -69,8 +69,9 @@ def is_srgb_profile(profile: bytes) -> bool:
     Photos exported for the web mostly carry an sRGB profile; converting them
     through it changes nothing, yet cost 3.9 ms per 750x500 thumbnail (twice the
     resize): libvips goes through float Lab. The answer is found once per
-    distinct profile, on a colour cube, and kept. A profile libvips cannot use
-    on RGB (broken, or for CMYK) counts as sRGB: libvips converts from sRGB then.
+    distinct profile, on a colour cube, and kept. A profile libvips cannot
+    convert from (broken, or for CMYK) is not sRGB here: to_srgb then meets the
+    same error and handles it as before.
     """
     digest = hashlib.blake2b(profile, digest_size=16).digest()
     verdict = _srgb_verdicts.get(digest)
