@@ -75,26 +75,19 @@ def server_status(
         "max_fails": server.max_fails,
         "fail_timeout": server.fail_timeout,
     }
-    if merged is None:
-        status = server.status
-        doc |= {
-            "status": status.value,
-            "msg": server.msg,
-            "fail_num": server.fail_num,
-            "lastmodified": _timestamp(server.lastmodified),
-            "active": server.active,
-        }
-    else:
-        status = merged.status
-        doc |= {
-            "status": status.value,
-            "msg": merged.msg,
-            "fail_num": merged.fail_num,
-            "lastmodified": _timestamp(merged.lastmodified),
-            "active": merged.active,
-            "worker": merged.worker,
-            "worker_status": {str(i): st.value for i, st in merged.by_worker.items()},
-        }
+    # This worker's view of the server, or every worker's merged: same fields.
+    state: Server | MergedServer = server if merged is None else merged
+    status = state.status
+    doc |= {
+        "status": status.value,
+        "msg": state.msg,
+        "fail_num": state.fail_num,
+        "lastmodified": _timestamp(state.lastmodified),
+        "active": state.active,
+    }
+    if merged is not None:
+        doc["worker"] = merged.worker
+        doc["worker_status"] = {str(i): st.value for i, st in merged.by_worker.items()}
     doc["source"] = server.source
     ej = server.ejection
     if ej is not None and ej.until > now:
