@@ -4,6 +4,7 @@ mypyc compiles differently from CPython, so they never reach the compiled module
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import json
 import os
 import re
@@ -55,7 +56,7 @@ def test_an_except_name_keeps_one_type_per_function(path: str) -> None:
 
 def _package(tmp_path: Path, source: str) -> Path:
     (tmp_path / "proxy.py").write_text(source)
-    (tmp_path / f"proxy{compiled.importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    (tmp_path / f"proxy{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"")
     return tmp_path
 
 
