@@ -22,21 +22,22 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Final
 
 from berth.gateway.metrics import METRICS, Metrics
 
 log = logging.getLogger("berth.gateway.accesslog")
 
-FLUSH_INTERVAL = 0.2
-FLUSH_BATCH = 1024  # lines: about 200 KiB, one thread hand-off and one write()
+FLUSH_INTERVAL: Final = 0.2
+FLUSH_BATCH: Final = 1024  # lines: about 200 KiB, one thread hand-off and one write()
 
 # json.dumps' own C escaper for one string (quotes included); ensure_ascii=False
 # semantics, as the file is UTF-8.
 quote = json.encoder.encode_basestring
 
 # Bytes made only of these need no JSON escaping: printable ASCII but `"` and `\`.
-_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
-_TEXT_CACHE: dict[str, bytes] = {}
+_PLAIN: Final = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+_TEXT_CACHE: Final[dict[str, bytes]] = {}
 
 
 def json_bytes(value: bytes) -> bytes:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from berth.gateway.cluster import Server
     from berth.gateway.routes import Route
 
-VNODES_PER_WEIGHT = 160
+VNODES_PER_WEIGHT: Final = 160
 # Bounds the ring so a cluster of heavy weights cannot make a table swap slow.
-MAX_RING_POINTS = 40_000
+MAX_RING_POINTS: Final = 40_000
 
 
 def smooth_weighted(candidates: Sequence[Server]) -> Server:

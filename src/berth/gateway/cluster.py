@@ -14,14 +14,14 @@ import math
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from berth.gateway import balancer
 
 if TYPE_CHECKING:
     from berth.gateway.routes import Route
 
-INF = math.inf
+INF: Final = math.inf
 
 
 class ServerStatus(enum.Enum):
@@ -280,7 +280,7 @@ def _unknown(doc: Mapping[str, Any], known: Collection[str], where: str) -> None
         raise ValueError(f"{where}{extra[0]}: unknown field")
 
 
-_SERVER_FIELDS = ("host", "port", "weight", "max_fails", "fail_timeout")
+_SERVER_FIELDS: Final = ("host", "port", "weight", "max_fails", "fail_timeout")
 
 
 def parse_server(doc: Any, where: str, level: int) -> ServerSpec:
@@ -331,7 +331,7 @@ def _parse_statuses(value: Any) -> frozenset[int]:
     return frozenset(codes)
 
 
-_CHECK_FIELDS = ("type", "path", "host", "statuses", "interval", "timeout", "rise", "fall")
+_CHECK_FIELDS: Final = ("type", "path", "host", "statuses", "interval", "timeout", "rise", "fall")
 
 
 def parse_check(doc: Any, defaults: CheckSpec) -> CheckSpec:

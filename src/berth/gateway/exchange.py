@@ -1,6 +1,6 @@
 """Per-request state of the proxy: one ``Exchange`` per request/response.
 
-The exchange is also the upstream connection's ``ResponseSink``: response
+The exchange is also the upstream connection's sink: response
 callbacks land here and are written straight to the client's transport, so
 bodies never pass through a coroutine.
 """
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from berth.gateway import limits as limits_mod
 from berth.gateway.errors import (
@@ -26,10 +24,10 @@ from berth.gateway.headers import LAST_CHUNK, chunk, client_response_head
 from berth.gateway.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from berth.gateway.proxy import ClientProtocol
+    from berth.gateway.proxy import ClientProtocol, _InFlight
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-RETRY_STATUSES = frozenset({502, 503, 504})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+RETRY_STATUSES: Final = frozenset({502, 503, 504})
 
 
 def should_retry(
@@ -83,6 +81,7 @@ class Exchange:
         "discarding",
         "error",
         "expect_continue",
+        "flight",
         "framing",
         "head_only",
         "headers",
@@ -91,7 +90,6 @@ class Exchange:
         "keep_alive",
         "max_body",
         "method",
-        "on_settled",
         "request_id",
         "request_sent",
         "response_bytes",
@@ -111,7 +109,6 @@ class Exchange:
         "upstream_time",
         "url",
         "user_agent",
-        "wall",
     )
 
     def __init__(
@@ -121,6 +118,7 @@ class Exchange:
         url: bytes,
         request_id: bytes,
         headers: list[tuple[bytes, bytes]],
+        started: float,
     ) -> None:
         self.client = client
         self.method = method
@@ -138,8 +136,7 @@ class Exchange:
         self.user_agent = b""
         self.error: GatewayError | None = None
         self.state = ExchangeState.QUEUED
-        self.started = client.loop.time()  # the clock upstream_time is measured on
-        self.wall = time.time()
+        self.started = started  # on the loop's clock, as upstream_time
         # Request body: received but not yet sent upstream (made on first
         # use: most requests have none), and a copy of what was sent to the
         # current upstream (None once past the retry buffer).
@@ -167,10 +164,11 @@ class Exchange:
         self.route_name = ""
         self.cluster_name = ""
         # Each attempt settles once: with the upstream status when the response is
-        # complete, or with the error that ended it. The outcome goes to
-        # ``on_settled`` when set (the proxy's task-free fast path), else to the
-        # future ``wait()`` hands out, created only when someone awaits.
-        self.on_settled: Callable[[int | BaseException], None] | None = None
+        # complete, or with the error that ended it. The outcome goes to the
+        # proxy's task-free fast path when ``flight`` is set (the first attempt
+        # it started), else to the future ``wait()`` hands out, created only
+        # when someone awaits.
+        self.flight: _InFlight | None = None
         self._settled = True
         self._outcome: int | BaseException = 0
         self._done: asyncio.Future[int] | None = None
@@ -203,12 +201,12 @@ class Exchange:
             if self.buffered > self.client.high_water:
                 self.client.pause_reading("buffer")
 
-    def body_done(self) -> None:
+    def body_done(self, now: float) -> None:
         self.body_complete = True
         if self.conn is not None and not self.discarding:
             if self.chunked:
                 self.conn.write(LAST_CHUNK)
-            self.conn.request_sent()
+            self.conn.request_sent(now)
 
     def _send_body(self, data: bytes) -> None:
         assert self.conn is not None
@@ -220,7 +218,9 @@ class Exchange:
             else:
                 self.sent.append(data)
 
-    def attach(self, conn: UpstreamConnection, head: bytes, read: float, send: float) -> None:
+    def attach(
+        self, conn: UpstreamConnection, head: bytes, read: float, send: float, now: float
+    ) -> None:
         """Start one attempt on ``conn``: head, then the body buffered so far."""
         self._settled = False
         self._done = None
@@ -238,7 +238,7 @@ class Exchange:
             self.buffered += self.sent_bytes
             sent.clear()
         self.sent_bytes = 0
-        conn.begin(self, head, head_only=self.head_only, read=read, send=send)
+        conn.begin(self, head, head_only=self.head_only, read=read, send=send, now=now)
         body = self.body
         while body:
             self._send_body(body.popleft())
@@ -247,7 +247,7 @@ class Exchange:
         if self.body_complete:
             if self.chunked:
                 conn.write(LAST_CHUNK)
-            conn.request_sent()
+            conn.request_sent(now)
         if self.client.write_paused:
             conn.pause_reading()
 
@@ -255,7 +255,7 @@ class Exchange:
         self.conn = None
         self.client.resume_reading("upstream")
 
-    # -- ResponseSink: upstream callbacks ----------------------------------
+    # -- sink of the upstream connection: its callbacks ---------------------
 
     def on_response_head(self, conn: UpstreamConnection) -> None:
         status = conn.status
@@ -358,9 +358,9 @@ class Exchange:
             return
         self._settled = True
         self._outcome = outcome
-        callback, self.on_settled = self.on_settled, None
-        if callback is not None:
-            callback(outcome)
+        flight, self.flight = self.flight, None
+        if flight is not None:
+            self.client.fast_attempt_done(self, flight, outcome)
         elif self._done is not None:
             _resolve(self._done, outcome)
 

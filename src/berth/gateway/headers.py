@@ -8,8 +8,9 @@ rebuilt for each side because the two sides may frame bodies differently.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -21,7 +22,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Rebuilt by the gateway on the upstream request.
-_REQUEST_REPLACED = HOP_BY_HOP | {
+_REQUEST_REPLACED: Final = HOP_BY_HOP | {
     b"content-length",
     b"expect",
     b"host",
@@ -33,10 +34,10 @@ _REQUEST_REPLACED = HOP_BY_HOP | {
 
 
 # Connection options that name no header.
-_OPTIONS = frozenset({b"", b"close", b"keep-alive"})
+_OPTIONS: Final = frozenset({b"", b"close", b"keep-alive"})
 # Whole Connection values naming no header, as they usually come.
-_PLAIN = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
-_NO_NAMES: frozenset[bytes] = frozenset()
+_PLAIN: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+_NO_NAMES: Final[frozenset[bytes]] = frozenset()
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -178,4 +179,4 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Final
 
 from berth.gateway.errors import BodyTooLarge, ConcurrencyLimited, RateLimited
 
 # Buckets that have refilled completely are indistinguishable from new ones, so
 # they are dropped once the table grows past this (bounds memory under many IPs).
-_SWEEP_AT = 10_000
+_SWEEP_AT: Final = 10_000
 
 
 @dataclass(slots=True)

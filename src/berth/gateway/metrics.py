@@ -16,9 +16,11 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 
 class _Histogram:
@@ -155,7 +157,7 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
-_SCALARS = (
+_SCALARS: Final = (
     "bytes_in",
     "bytes_out",
     "connections_active",

@@ -14,10 +14,11 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import httptools
 
@@ -54,20 +55,20 @@ from berth.gateway.upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("berth.gateway.proxy")
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # nginx logs 499 when the client went away before the response was complete.
-CLIENT_CLOSED = 499
+CLIENT_CLOSED: Final = 499
 # nginx's lingering_time / lingering_timeout: how long, and how long between
 # reads, a closing connection still reads (and drops) what the client sends.
-LINGER_TIME = 30.0
-LINGER_TIMEOUT = 5.0
+LINGER_TIME: Final = 30.0
+LINGER_TIMEOUT: Final = 5.0
 # A request body the response did not need (an upstream that answered early, a
 # 404) is read and dropped so the connection can serve the next request, as
 # nginx's discard_request_body does, unless more than this much is left.
-DISCARD_BODY_MAX = 1 << 20
+DISCARD_BODY_MAX: Final = 1 << 20
 # Up to this much, what one upstream read produces for the client is joined
 # into one write rather than handed to writelines.
-JOIN_MAX = 16 << 10
+JOIN_MAX: Final = 16 << 10
 
 
 class TableSource(Protocol):
@@ -99,6 +100,8 @@ class ProxyContext:
     draining: bool = False
     on_idle: Callable[[], None] | None = None  # called when the last connection closes
     clock: IsoClock = field(default_factory=IsoClock)  # access log timestamps
+    _wall_offset: float = 0.0  # wall clock minus monotonic clock (see wall())
+    _wall_synced: float = -1.0  # loop time the offset was last read at
     # Request ids: random per worker, then a counter (unique without a uuid per request).
     _id_prefix: bytes = field(default_factory=lambda: os.urandom(6).hex().encode())
     _id_counter: int = 0
@@ -109,6 +112,18 @@ class ProxyContext:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def wall(self, stamp: float) -> float:
+        """``stamp``, a time on the event loop's clock, as wall-clock time.
+
+        The loop's clock is the monotonic one (uvloop reads it in
+        milliseconds), so the offset between the two is read once a second
+        rather than per request: a step of the wall clock shows within a
+        second, as with nginx's cached time."""
+        if not self._wall_synced <= stamp < self._wall_synced + 1.0:
+            self._wall_offset = time.time() - time.monotonic()
+            self._wall_synced = stamp
+        return stamp + self._wall_offset
 
     def next_request_id(self) -> bytes:
         self._id_counter += 1
@@ -155,6 +170,9 @@ class ClientProtocol(asyncio.Protocol):
         self._header_timeout = cfg.client_header_timeout
         self._idle_timeout = cfg.client_idle_timeout
         self.loop = asyncio.get_running_loop()
+        # The loop's clock, read once per read callback (``_last_data``) and
+        # passed down from there: a clock read costs a call and a float.
+        self._time: Callable[[], float] = self.loop.time
         self.transport: asyncio.Transport | None = None
         self.client_ip = "-"
         self._client_ip_json = b'"-"'
@@ -179,11 +197,12 @@ class ClientProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._in_head = False
         # Timers: one handle, re-armed on expiry (see _check_timers).
-        self._last_data = self.loop.time()
+        self._last_data = self._time()
         self._head_started = 0.0
         self._write_paused_since = 0.0
         self._idle_since = self._last_data
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0  # when _timer fires (a struct field, not a call to when())
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -204,7 +223,7 @@ class ClientProtocol(asyncio.Protocol):
         self.ctx.connections.add(self)
         self.ctx.metrics.connections_active += 1
         self.ctx.metrics.connections_total += 1
-        self._arm_timer(self.config.client_idle_timeout)
+        self._arm_timer(self._last_data + self._idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -220,7 +239,7 @@ class ClientProtocol(asyncio.Protocol):
             self.ctx.on_idle()
 
     def data_received(self, data: bytes) -> None:
-        self._last_data = self.loop.time()
+        self._last_data = self._time()
         if self._linger_since:
             return
         if self._tunnel is not None:
@@ -273,7 +292,8 @@ class ClientProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
-        self._head_started = now = self.loop.time()
+        # Parser callbacks run inside data_received, which read the clock.
+        self._head_started = now = self._last_data
         self._timer_by(now + self._header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -293,7 +313,7 @@ class ClientProtocol(asyncio.Protocol):
         self._in_head = False
         self._head_bytes = 0
         parser = self.parser
-        ex = Exchange(self, parser.get_method(), self._url, b"", self._headers)
+        ex = Exchange(self, parser.get_method(), self._url, b"", self._headers, self._last_data)
         ex.http10 = parser.get_http_version() == "1.0"
         ex.keep_alive = parser.should_keep_alive() and not self.ctx.draining
         request_id = b""
@@ -349,10 +369,10 @@ class ClientProtocol(asyncio.Protocol):
         if ex is not None:
             if ex.upgrade is None:
                 self.parsing = None
-            ex.body_done()
+            ex.body_done(self._last_data)
             if self._discarding is ex:
                 self._discarding = None
-                self._next()
+                self._next(self._last_data)
 
     # -- helpers ------------------------------------------------------------
 
@@ -375,18 +395,18 @@ class ClientProtocol(asyncio.Protocol):
 
     def _enqueue(self, ex: Exchange) -> None:
         if self.current is None:
-            self._begin(ex)
+            self._begin(ex, ex.started)
         else:
             self.pipeline.append(ex)
             if len(self.pipeline) >= self.config.limit_pipeline:
                 self.pause_reading("pipeline")
 
-    def _begin(self, ex: Exchange) -> None:
+    def _begin(self, ex: Exchange, now: float) -> None:
         self.current = ex
-        if not self._start_fast(ex):
+        if not self._start_fast(ex, now):
             self._task = self.ctx.spawn(self._serve(ex))
 
-    def _start_fast(self, ex: Exchange) -> bool:
+    def _start_fast(self, ex: Exchange, now: float) -> bool:
         """Start the first attempt right here when nothing needs a coroutine (no
         limit but the body size, no 100-continue, no total timeout): most requests
         then complete from callbacks alone, without a Task. Anything unusual about
@@ -419,18 +439,20 @@ class ClientProtocol(asyncio.Protocol):
         ex.retry_allowed = self._more_tries(route, cluster, 1, None)
         cluster.on_request_start(server)
         pool = self.ctx.pool
-        conn = pool.idle_connection(server.host, server.port)
-        flight = _InFlight(route, cluster, server, self._request_head(ex), conn, self.loop.time())
+        conn = pool.idle_connection(server.address)
+        flight = _InFlight(route, cluster, server, self._request_head(ex), conn, now)
         if conn is None:
             self._task = self.ctx.spawn(self._serve(ex, flight))
             return True
         ex.state = ExchangeState.UPSTREAM
         t = route.timeouts
-        ex.on_settled = lambda outcome: self._fast_done(ex, flight, outcome)
-        ex.attach(conn, flight.head, t.read, t.send)
+        ex.flight = flight
+        ex.attach(conn, flight.head, t.read, t.send, now)
         return True
 
-    def _fast_done(self, ex: Exchange, flight: _InFlight, outcome: int | BaseException) -> None:
+    def fast_attempt_done(
+        self, ex: Exchange, flight: _InFlight, outcome: int | BaseException
+    ) -> None:
         """The fast path's attempt settled (called from the upstream's callbacks)."""
         if isinstance(outcome, BaseException) or ex.discarding:
             # A retry, an error response or a resend: the coroutine path decides
@@ -439,13 +461,15 @@ class ClientProtocol(asyncio.Protocol):
             return
         status = outcome
         ex.detach()
-        ex.upstream_time += self.loop.time() - flight.started
+        # Settled from the upstream's read callback, which read the clock.
+        now = flight.conn.last_read if flight.conn is not None else self._time()
+        ex.upstream_time += now - flight.started
         ok = status not in RETRY_STATUSES
         flight.cluster.on_request_end(
             flight.server, ok, None if ok else f"upstream answered {status}"
         )
         self.ctx.metrics.observe_try(flight.cluster.name, "ok" if ok else str(status))
-        self._finish(ex)
+        self._finish(ex, now)
 
     def _fail(self, error: GatewayError) -> None:
         """The byte stream cannot be parsed any further: answer in order, then close."""
@@ -455,7 +479,7 @@ class ClientProtocol(asyncio.Protocol):
         ex, self.parsing = self.parsing, None
         if ex is None:
             url = self._url[:200] or b"-"
-            ex = Exchange(self, b"-", url, self.ctx.next_request_id(), [])
+            ex = Exchange(self, b"-", url, self.ctx.next_request_id(), [], self._time())
             ex.body_complete = True
             ex.error = error
             ex.keep_alive = False
@@ -605,13 +629,14 @@ class ClientProtocol(asyncio.Protocol):
 
     def _timer_by(self, due: float) -> None:
         """Make sure the connection's timer fires no later than ``due``."""
-        if self._timer is None or self._timer.when() > due:
-            self._arm_timer(due - self.loop.time())
+        if self._timer is None or self._timer_due > due:
+            self._arm_timer(due)
 
-    def _arm_timer(self, delay: float) -> None:
+    def _arm_timer(self, due: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_later(delay, self._check_timers)
+        self._timer = self.loop.call_at(due, self._check_timers)
+        self._timer_due = due
 
     def _check_timers(self) -> None:
         """One timer per connection, re-armed at the next deadline when it fires."""
@@ -655,7 +680,7 @@ class ClientProtocol(asyncio.Protocol):
                 return
         else:
             due = now + min(cfg.client_idle_timeout, cfg.client_body_timeout)
-        self._timer = self.loop.call_at(due, self._check_timers)
+        self._arm_timer(due)
 
     def abort(self) -> None:
         self._abort_current()
@@ -682,7 +707,7 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 self._abort_current()
         finally:
-            self._finish(ex)
+            self._finish(ex, self._time())
 
     async def _respond(self, ex: Exchange) -> None:
         ex.state = ExchangeState.ROUTING
@@ -872,13 +897,13 @@ class ClientProtocol(asyncio.Protocol):
                     raise ClientBodyFailed(ex.error)
                 ex.state = ExchangeState.UPSTREAM
                 pool = self.ctx.pool
-                conn = None if fresh else pool.idle_connection(server.host, server.port)
+                conn = None if fresh else pool.idle_connection(server.address)
                 if conn is None:
-                    conn = await pool.connect(server.host, server.port, t.connect)
+                    conn = await pool.connect(server.address, server.host, server.port, t.connect)
                     if self.transport is None or self.transport.is_closing():
                         pool.release(conn)
                         raise ClientGone("client closed the connection")
-                ex.attach(conn, head, t.read, t.send)
+                ex.attach(conn, head, t.read, t.send, self._time())
             try:
                 return await ex.wait()
             except UpstreamClosed:
@@ -935,11 +960,11 @@ class ClientProtocol(asyncio.Protocol):
         ex.response_bytes = 0 if ex.head_only else len(body)
         self.write(b"".join(lines) + (b"" if ex.head_only else body))
 
-    def _finish(self, ex: Exchange) -> None:
+    def _finish(self, ex: Exchange, now: float) -> None:
         ex.state = ExchangeState.DONE
         if ex.status == 0:
             ex.status = CLIENT_CLOSED
-        self._record(ex)
+        self._record(ex, now)
         if self.current is ex:
             self.current = None
         if self.transport is None or self.transport.is_closing():
@@ -961,20 +986,20 @@ class ClientProtocol(asyncio.Protocol):
             self.resume_reading("upstream")
             self._timer_by(self._last_data + self.config.client_body_timeout)
             return
-        self._next()
+        self._next(now)
 
-    def _next(self) -> None:
+    def _next(self, now: float) -> None:
         """The exchange is over and the connection stays: the next request, or idle."""
-        self._idle_since = self.loop.time()
+        self._idle_since = now
         if self.pipeline:
             nxt = self.pipeline.popleft()
             self.resume_reading("pipeline")
-            self._begin(nxt)
+            self._begin(nxt, now)
         else:
             self._timer_by(self._idle_since + self._idle_timeout)
 
-    def _record(self, ex: Exchange) -> None:
-        elapsed = self.loop.time() - ex.started
+    def _record(self, ex: Exchange, now: float) -> None:
+        elapsed = now - ex.started
         route = ex.route_name or "-"
         ctx = self.ctx
         ctx.metrics.observe_request(route, ex.status, elapsed, ex.body_bytes, ex.response_bytes)
@@ -985,7 +1010,7 @@ class ClientProtocol(asyncio.Protocol):
         ctx.access_log.write(
             _LOG_LINE
             % (
-                ctx.clock(ex.wall),
+                ctx.clock(ctx.wall(ex.started)),
                 json_bytes(ex.request_id),
                 self._client_ip_json,
                 json_bytes(ex.host),
@@ -1006,7 +1031,7 @@ class ClientProtocol(asyncio.Protocol):
         )
 
 
-_LOG_LINE = (
+_LOG_LINE: Final = (
     b'{"time":"%s","request_id":"%s","client_ip":%s,"host":"%s","route":%s,'
     b'"cluster":%s,"method":"%s","path":"%s","status":%d,"upstream_addr":%s,'
     b'"upstream_status":%s,"tries":%d,"request_bytes":%d,"response_bytes":%d,'
@@ -1038,7 +1063,7 @@ def _status_error(status: int, address: str) -> GatewayError:
     return UpstreamError(f"upstream {address} answered {status}")
 
 
-_REASONS = {
+_REASONS: Final = {
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",

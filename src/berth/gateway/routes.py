@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 if TYPE_CHECKING:
     from berth.gateway.cluster import Cluster
@@ -71,8 +71,8 @@ class Route:
 
 
 # Upper bounds keep absurd values from overflowing timers: a day for durations.
-MAX_SECONDS = 86400.0
-MAX_COUNT = 1 << 62
+MAX_SECONDS: Final = 86400.0
+MAX_COUNT: Final = 1 << 62
 
 
 def _number(
@@ -136,7 +136,7 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
-_ROUTE_FIELDS = (
+_ROUTE_FIELDS: Final = (
     "cluster",
     "service",
     "path_prefix",

@@ -6,9 +6,9 @@ callback, and both directions throttled by transport write buffers. Client
 libraries (httpx, aiohttp) hand bodies to a coroutine chunk by chunk, which
 costs several task switches per chunk and cannot pause the client socket.
 
-One ``UpstreamConnection`` carries one exchange at a time; its owner (the
-proxy's ``Exchange``) implements ``ResponseSink`` and receives the head, body
-chunks, completion or failure through plain method calls.
+One ``UpstreamConnection`` carries one exchange at a time; its sink (the
+proxy's ``Exchange``) receives the head, body chunks, completion or failure
+through plain method calls.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import enum
 import errno
 import time
 from collections import deque
-from typing import Protocol, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -30,17 +31,10 @@ from berth.gateway.errors import (
     UpstreamTimeout,
 )
 
-
-class ResponseSink(Protocol):
-    def on_response_head(self, conn: UpstreamConnection) -> None: ...
-    def on_response_body(self, chunk: bytes) -> None: ...
-    def on_response_complete(self, conn: UpstreamConnection) -> None: ...
-    def on_upstream_error(self, conn: UpstreamConnection, exc: UpstreamError) -> None: ...
-    def on_upgraded_data(self, data: bytes) -> None: ...
-    def cork(self) -> None: ...
-    def uncork(self) -> None: ...
-    def pause_request_body(self) -> None: ...
-    def resume_request_body(self) -> None: ...
+if TYPE_CHECKING:
+    # The one sink: typed as the class, not a Protocol, so the compiled build
+    # (setup.py) calls its methods directly instead of looking each up by name.
+    from berth.gateway.exchange import Exchange
 
 
 class ConnState(enum.Enum):
@@ -55,7 +49,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.key = key
         self.state = ConnState.IDLE
         self.transport: asyncio.Transport | None = None
-        self.sink: ResponseSink | None = None
+        self.sink: Exchange | None = None
         self.requests = 0  # exchanges started on this connection (>0 means reused)
         self.idle_since = 0.0
         self.received_any = False  # response bytes seen for the current exchange
@@ -75,10 +69,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._read_timeout = 0.0
         self._send_timeout = 0.0
         self._sent = False
-        self._last_read = 0.0
+        self.last_read = 0.0  # loop clock at the last read (or request sent)
         self._paused_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
         self._loop = asyncio.get_running_loop()
+        # Read once per read callback (``last_read``); see ClientProtocol._time.
+        self._time: Callable[[], float] = self._loop.time
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.key} {self.state.value} requests={self.requests}>"
@@ -88,6 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not a subclass of asyncio.Transport.
         self.transport = cast(asyncio.Transport, transport)
+        self.last_read = self._time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
@@ -110,7 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        self._last_read = self._loop.time()
+        self.last_read = self._time()
         self.received_any = True
         if self.upgraded:
             if self.sink is not None:
@@ -202,7 +200,14 @@ class UpstreamConnection(asyncio.Protocol):
     # -- driving an exchange ------------------------------------------------
 
     def begin(
-        self, sink: ResponseSink, head: bytes, *, head_only: bool, read: float, send: float
+        self,
+        sink: Exchange,
+        head: bytes,
+        *,
+        head_only: bool,
+        read: float,
+        send: float,
+        now: float,
     ) -> None:
         """Start an exchange: write the request head; body follows through ``write``."""
         assert self.state is ConnState.IDLE and self.transport is not None
@@ -222,27 +227,27 @@ class UpstreamConnection(asyncio.Protocol):
         self.content_length = None
         self._read_timeout = read
         self._send_timeout = send
-        self._last_read = self._loop.time()
+        self.last_read = now
         self._sent = False
         self.transport.write(head)
         # The timer outlives exchanges (re-armed only when it would fire too late):
         # a new TimerHandle per request costs more than an early check.
-        due = self._last_read + min(read, send)
-        if self._timer is None or self._timer.when() > due:
+        due = now + min(read, send)
+        if self._timer is None or self._timer_due > due:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self._loop.call_at(due, self._check_timeouts)
+            self._arm_timer(due)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and self.state is ConnState.ACTIVE:
             self.transport.write(data)
 
-    def request_sent(self) -> None:
-        """The whole request is written: the read timeout counts from now.
+    def request_sent(self, now: float) -> None:
+        """The whole request is written: the read timeout counts from ``now``.
 
         Before that the client may still be trickling its body, which the
         client-side body timeout governs, not the upstream's read timeout."""
-        self._last_read = self._loop.time()
+        self.last_read = now
         self._sent = True
 
     def pause_reading(self) -> None:
@@ -305,16 +310,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.fail(UpstreamTimeout(f"upstream {self.key} did not accept the request in time"))
             return
         if not self._sent:
-            self._last_read = now
-        elif now - self._last_read >= self._read_timeout:
+            self.last_read = now
+        elif now - self.last_read >= self._read_timeout:
             self.fail(
                 UpstreamTimeout(f"upstream {self.key} sent nothing for {self._read_timeout:g}s")
             )
             return
-        due = self._last_read + self._read_timeout
+        due = self.last_read + self._read_timeout
         if self.write_paused:
             due = min(due, self._paused_since + self._send_timeout)
+        self._arm_timer(due)
+
+    def _arm_timer(self, due: float) -> None:
         self._timer = self._loop.call_at(due, self._check_timeouts)
+        self._timer_due = due
 
 
 class UpstreamPool:
@@ -337,17 +346,20 @@ class UpstreamPool:
             return len(self._idle.get(key, ()))
         return sum(len(q) for q in self._idle.values())
 
-    def idle_connection(self, host: str, port: int) -> UpstreamConnection | None:
-        """The most recently used idle connection to this server, if any."""
-        idle = self._idle.get(f"{host}:{port}")
+    def idle_connection(self, key: str) -> UpstreamConnection | None:
+        """The most recently used idle connection to server ``key`` ("host:port"), if any."""
+        idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if conn.state is ConnState.IDLE:
                 return conn
         return None
 
-    async def connect(self, host: str, port: int, connect_timeout: float) -> UpstreamConnection:
-        key = f"{host}:{port}"
+    async def connect(
+        self, key: str, host: str, port: int, connect_timeout: float
+    ) -> UpstreamConnection:
+        """A new connection to ``host``:``port``, pooled under ``key`` (the
+        server's address, as ``idle_connection`` is asked for it)."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
@@ -374,7 +386,9 @@ class UpstreamPool:
         if len(queue) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        # Released from its read callback: last_read is now, on the loop's
+        # clock, which is the monotonic clock _sweep reads.
+        conn.idle_since = conn.last_read
         queue.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
