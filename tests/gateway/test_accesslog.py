@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from berth.gateway.accesslog import AccessLog, IsoClock, json_bytes, json_text
+from berth.gateway.accesslog import AccessLog, IsoClock, JsonMemo, json_bytes, json_text
 from berth.gateway.metrics import Metrics
 from berth.gateway.routes import Route
 from tests.gateway.conftest import raw_request
@@ -142,3 +142,12 @@ def test_json_text_quotes_and_reuses() -> None:
     assert json_text("img.example.com") == b'"img.example.com"'
     assert json_text('odd"name') == b'"odd\\"name"'
     assert json_text("img.example.com") is json_text("img.example.com")
+
+
+def test_json_memo_escapes_each_new_value() -> None:
+    memo = JsonMemo()
+    assert memo(b"") == b""
+    assert memo(b'a"b') == b'a\\"b'
+    assert memo(b'a"b') == b'a\\"b'
+    assert memo(b"curl/8") == b"curl/8"
+    assert memo(b"") == b""

@@ -205,10 +205,10 @@ async def test_stop_awaits_request_tasks_of_aborted_connections(make_gateway, up
         writer.write(b"GET /hold HTTP/1.1\r\nHost: svc\r\n\r\n")
         await a.app.arrived.wait()
         assert len(ctx.tasks) == 1
-        closed_before = ctx.metrics.requests[("svc", 499)]  # the registry is per process
+        closed_before = ctx.metrics.route("svc").statuses.get(499, 0)  # per process
         await gw.server.stop()
         assert not ctx.tasks
-        assert ctx.metrics.requests[("svc", 499)] == closed_before + 1
+        assert ctx.metrics.route("svc").statuses[499] == closed_before + 1
     finally:
         writer.close()
         a.app.hold.set()

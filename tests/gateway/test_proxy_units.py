@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from berth.gateway.config import GatewayConfig
 from berth.gateway.exchange import should_retry
 from berth.gateway.headers import chunk, client_response_head, upstream_request_head
-from berth.gateway.metrics import Metrics
+from berth.gateway.metrics import LATENCY_BUCKETS, Metrics, RouteMetrics
+from berth.gateway.proxy import ProxyContext
+from berth.gateway.routes import RoutingTable
+from berth.gateway.upstream import UpstreamPool
 
 
 def test_upstream_request_head_rewrites_hop_by_hop_and_forwarding() -> None:
@@ -98,3 +102,32 @@ def test_metrics_render_prometheus_text() -> None:
     assert "berth_gateway_received_bytes_total 10" in text
     assert "berth_gateway_sent_bytes_total 25" in text
     assert repr(m) == "<Metrics requests=2 connections_active=3>"
+
+
+def test_latency_buckets_count_values_up_to_their_bound() -> None:
+    """Prometheus' ``le``: a value equal to a bound is in that bucket."""
+    m = RouteMetrics()
+    for seconds in (0.0, 0.001, 0.0011, 10.0, 10.5, 99.0):
+        m.observe(200, seconds)
+    m.observe(502, 0.001)
+    assert m.counts[0] == 3  # 0, 0.001 and the 502's 0.001
+    assert m.counts[1] == 1  # 0.0011 <= 0.0025
+    assert m.counts[LATENCY_BUCKETS.index(10.0)] == 1
+    assert m.counts[-1] == 2  # +Inf
+    assert m.statuses == {200: 6, 502: 1}
+    assert sum(m.counts) == 7
+
+
+async def test_request_ids_count_up_across_suffix_blocks() -> None:
+    ctx = ProxyContext(config=GatewayConfig(), routes=FixedTable(), pool=UpstreamPool(
+        max_idle=1, idle_timeout=1.0))  # fmt: skip
+    ids = [ctx.next_request_id() for _ in range(4100)]
+    prefix = ids[0][:12]
+    assert [int(i[12:], 16) for i in ids] == list(range(1, 4101))
+    assert all(len(i) == 24 and i[:12] == prefix for i in ids)
+
+
+class FixedTable:
+    @property
+    def table(self) -> RoutingTable:
+        return RoutingTable()

@@ -59,7 +59,7 @@ def snap(worker: int, m: Metrics | None = None, **servers: ServerHealth) -> Work
 
 
 def total(parts: list[Metrics]) -> int:
-    return sum(sum(m.requests.values()) for m in parts)
+    return sum(m.requests_total() for m in parts)
 
 
 # -- Carry: totals never go down ------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_a_silent_worker_stands_in_while_alive_and_retires_when_dead() -> None:
 
 def test_merge_adds_carried_counters() -> None:
     view = merge(2, [snap(0, metrics(4)), snap(1, metrics(1))], [metrics(10)])
-    assert sum(view.metrics.requests.values()) == 15
+    assert view.metrics.requests_total() == 15
     assert len(view.snapshots) == 2
 
 
@@ -162,16 +162,16 @@ def test_merge_sums_counters_histograms_and_gauges() -> None:
     m0.connections_total, m1.connections_total = 10, 7
     view = merge(3, [snap(1, m1), snap(0, m0)])
     total = view.metrics
-    assert total.requests == {("r", 200): 5}
+    assert list(total.routes) == ["r"] and total.routes["r"].statuses == {200: 5}
     assert total.tries == {("svc", "ok"): 2, ("svc", "connect"): 1}
     assert (total.bytes_in, total.bytes_out) == (50, 100)
     assert (total.connections_active, total.connections_total) == (5, 17)
-    counts = total.latency["r"].counts
+    counts = total.routes["r"].counts
     assert counts[LATENCY_BUCKETS.index(0.0025)] == 3
     assert counts[LATENCY_BUCKETS.index(0.5)] == 2
-    assert total.latency["r"].sum == pytest.approx(3 * 0.002 + 2 * 0.3)
+    assert total.routes["r"].sum == pytest.approx(3 * 0.002 + 2 * 0.3)
     # The parts are left as they were (worker 0's part is its live registry).
-    assert m0.requests == {("r", 200): 3}
+    assert m0.routes["r"].statuses == {200: 3}
     assert [s.worker for s in view.snapshots] == [0, 1]
     assert view.missing == [2]
     text = total.render()
@@ -196,7 +196,7 @@ def test_merge_health_by_server_and_worker_fields() -> None:
 
 def test_merge_keeps_the_first_snapshot_of_an_index() -> None:
     view = merge(2, [snap(0, metrics(1)), snap(0, metrics(7))])
-    assert sum(view.metrics.requests.values()) == 1
+    assert view.metrics.requests_total() == 1
     assert view.missing == [1]
 
 
@@ -292,7 +292,7 @@ async def test_a_worker_answers_its_snapshot(group: WorkerGroup) -> None:
     try:
         assert answers.state is AnswerState.LISTENING
         got = await query_peer(group.address(1), index=1)
-        assert got is not None and sum(got.metrics.requests.values()) == 2
+        assert got is not None and got.metrics.requests_total() == 2
         # Asked as another index: ignored rather than counted twice.
         assert await query_peer(group.address(1), index=2) is None
     finally:
@@ -312,13 +312,13 @@ async def test_a_successor_takes_over_the_index_when_its_predecessor_lets_go(
     try:
         assert new.state is AnswerState.WAITING
         got = await query_peer(group.address(2), index=2)
-        assert got is not None and sum(got.metrics.requests.values()) == 5
+        assert got is not None and got.metrics.requests_total() == 5
         await old.stop()
         async with asyncio.timeout(10):
             while new.state is not AnswerState.LISTENING:  # noqa: ASYNC110 (polls a bind)
                 await asyncio.sleep(0.02)
         got = await query_peer(group.address(2), index=2)
-        assert got is not None and sum(got.metrics.requests.values()) == 1
+        assert got is not None and got.metrics.requests_total() == 1
     finally:
         await old.stop()
         await new.stop()
@@ -338,7 +338,7 @@ async def test_garbage_and_silence_count_as_missing(group: WorkerGroup) -> None:
         view = await collector.view()
         assert [s.worker for s in view.snapshots] == [0]
         assert view.missing == [1, 2]
-        assert sum(view.metrics.requests.values()) == 4
+        assert view.metrics.requests_total() == 4
     finally:
         await garbage.stop()
         mute.close()
@@ -356,7 +356,7 @@ async def test_collector_merges_every_peer(group: WorkerGroup) -> None:
     try:
         view = await PeerCollector(group, lambda: snap(0, metrics(10), a_1=health())).view()
         assert view.missing == []
-        assert sum(view.metrics.requests.values()) == 13
+        assert view.metrics.requests_total() == 13
         merged = view.servers[("svc", "a:1")]
         assert (merged.status, merged.worker) == (ERR, 2)
     finally:
@@ -371,7 +371,7 @@ def test_sockets_on_uvloop(group: WorkerGroup) -> None:
         await answers.start()
         try:
             view = await PeerCollector(group, lambda: snap(0)).view()
-            assert sum(view.metrics.requests.values()) == 3
+            assert view.metrics.requests_total() == 3
             assert view.missing == [2]
         finally:
             await answers.stop()

@@ -50,6 +50,23 @@ def json_bytes(value: bytes) -> bytes:
     return quote(value.decode("latin-1"))[1:-1].encode()
 
 
+class JsonMemo:
+    """``json_bytes`` of the last value given: a connection sends the same
+    Host and User-Agent with each request, so each is checked once."""
+
+    __slots__ = ("_json", "_raw")
+
+    def __init__(self) -> None:
+        self._raw = b""
+        self._json = b""
+
+    def __call__(self, value: bytes) -> bytes:
+        if value != self._raw:
+            self._raw = value
+            self._json = json_bytes(value)
+        return self._json
+
+
 def json_text(text: str) -> bytes:
     """A JSON string (quotes included) for names from the configuration (route,
     cluster, upstream address): few distinct values, so each is made once."""

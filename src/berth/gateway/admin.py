@@ -154,7 +154,7 @@ def workers_doc(view: WorkersView) -> dict[str, Any]:
                 "worker": snap.worker,
                 "pid": snap.pid,
                 "started": _timestamp(snap.started),
-                "requests": sum(snap.metrics.requests.values()),
+                "requests": snap.metrics.requests_total(),
                 "connections_active": snap.metrics.connections_active,
             }
             for snap in view.snapshots

@@ -75,6 +75,7 @@ class Exchange:
         "buffered",
         "chunked",
         "client",
+        "client_request_id",
         "cluster_name",
         "conn",
         "content_length",
@@ -125,6 +126,7 @@ class Exchange:
         self.head_only = method == b"HEAD"
         self.url = url
         self.request_id = request_id
+        self.client_request_id = False  # request_id came from the client (not made here)
         self.headers = headers
         self.host = b""
         self.http10 = False

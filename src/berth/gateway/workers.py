@@ -320,7 +320,7 @@ class Carry:
         self.retired = Metrics()
 
     def __repr__(self) -> str:
-        return f"<Carry peers={sorted(self._last)} retired={sum(self.retired.requests.values())}>"
+        return f"<Carry peers={sorted(self._last)} retired={self.retired.requests_total()}>"
 
     def update(self, answered: Mapping[int, WorkerSnapshot], peers: Iterable[int]) -> list[Metrics]:
         """Record this scrape's answers; the counters to add to the live ones."""
