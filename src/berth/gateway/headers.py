@@ -33,28 +33,6 @@ _REQUEST_REPLACED: Final = HOP_BY_HOP | {
 }
 
 
-# Header names as clients and servers usually spell them, lower-cased ahead:
-# compiled (setup.py), a dict lookup costs less than the method call lower() is.
-_LOWERED: Final[dict[bytes, bytes]] = {
-    spelled: name
-    for name in (
-        b"accept", b"accept-encoding", b"accept-language", b"accept-ranges", b"age",
-        b"cache-control", b"connection", b"content-encoding", b"content-length",
-        b"content-type", b"cookie", b"date", b"etag", b"expect", b"expires", b"host",
-        b"keep-alive", b"last-modified", b"location", b"referer", b"server", b"set-cookie",
-        b"transfer-encoding", b"upgrade", b"user-agent", b"vary", b"x-forwarded-for",
-        b"x-request-id",
-    )
-    for spelled in (name, name.title(), name.upper())
-}  # fmt: skip
-
-
-def lower_name(name: bytes) -> bytes:
-    """``name.lower()``, for a header name (a common one is not lowered again)."""
-    lowered = _LOWERED.get(name)
-    return lowered if lowered is not None else name.lower()
-
-
 # Connection options that name no header.
 _OPTIONS: Final = frozenset({b"", b"close", b"keep-alive"})
 # Whole Connection values naming no header, as they usually come.
@@ -102,7 +80,7 @@ def upstream_request_head(
     # One pass (this runs for every request); a Connection header that names
     # other headers, which is rare, takes a second pass without them.
     for name, value in headers:
-        lname = lower_name(name)
+        lname = name.lower()
         if lname in _REQUEST_REPLACED:
             if lname == b"x-forwarded-for":
                 forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
@@ -160,7 +138,7 @@ def client_response_head(
     has_id = False
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
     for name, value in headers:
-        lname = lower_name(name)
+        lname = name.lower()
         if lname in HOP_BY_HOP:
             if lname == b"connection" and _named(value):
                 # Rare: a second pass without the headers Connection names.

@@ -48,7 +48,7 @@ from berth.gateway.exchange import (
     ExchangeState,
     should_retry,
 )
-from berth.gateway.headers import lower_name, upstream_request_head
+from berth.gateway.headers import upstream_request_head
 from berth.gateway.metrics import METRICS, Metrics
 from berth.gateway.routes import Route, RoutingTable
 from berth.gateway.upstream import UpstreamConnection, UpstreamPool
@@ -330,7 +330,7 @@ class ClientProtocol(asyncio.Protocol):
         request_id = b""
         hosts = 0
         for name, value in ex.headers:
-            lname = lower_name(name)
+            lname = name.lower()
             if lname == b"host":
                 hosts += 1
                 ex.host = value

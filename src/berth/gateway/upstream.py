@@ -30,7 +30,6 @@ from berth.gateway.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from berth.gateway.headers import lower_name
 
 if TYPE_CHECKING:
     # The one sink: typed as the class, not a Protocol, so the compiled build
@@ -170,7 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
             # mark it now so on_message_complete does not recycle the connection.
             self.upgraded = True
         for name, value in self.headers:
-            lname = lower_name(name)
+            lname = name.lower()
             if lname == b"content-length":
                 self.content_length = int(value)
             elif lname == b"transfer-encoding":
