@@ -63,6 +63,8 @@ CASES: list[tuple[str, bytes, int]] = [
         b"X-%d: v\r\n" % i for i in range(150)) + b"\r\n", 431),
     ("expect-unknown", b"POST / HTTP/1.1\r\n" + H + b"Expect: 200-ok\r\n"
      b"Content-Length: 0\r\n\r\n", 417),
+    ("expect-unknown-second", b"POST / HTTP/1.1\r\n" + H + b"Expect: 100-continue\r\n"
+     b"Expect: 200-ok\r\nContent-Length: 0\r\n\r\n", 417),
     ("connect-method", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
      b"GET /smuggled HTTP/1.1\r\n" + H + b"\r\n", 405),
     ("body-after-error", b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from berth.gateway.config import GatewayConfig
 from berth.gateway.exchange import should_retry
-from berth.gateway.headers import chunk, client_response_head, upstream_request_head
+from berth.gateway.headers import (
+    HOP_BY_HOP,
+    chunk,
+    client_response_head,
+    name_lengths,
+    upstream_request_head,
+)
 from berth.gateway.metrics import LATENCY_BUCKETS, Metrics, RouteMetrics
 from berth.gateway.proxy import ProxyContext
 from berth.gateway.routes import RoutingTable
@@ -131,3 +137,23 @@ class FixedTable:
     @property
     def table(self) -> RoutingTable:
         return RoutingTable()
+
+
+def test_name_lengths_marks_each_length() -> None:
+    mask = name_lengths((b"te", b"connection", b"keep-alive"))
+    assert [n for n in range(64) if (mask >> n) & 1] == [2, 10]
+    assert (mask >> 300) & 1 == 0  # longer than any: not one of them
+
+
+def test_client_response_head_drops_hop_by_hop_in_any_case() -> None:
+    """Headers whose names have a hop-by-hop name's length but are not one
+    (Content-Type, Expires) pass; the hop-by-hop ones go whatever their case."""
+    kept = [(b"Content-Type", b"a/b"), (b"Expires", b"0"), (b"X-Request-Id", b"up")]
+    dropped = [(name.upper(), b"x") for name in sorted(HOP_BY_HOP - {b"connection"})]
+    head = client_response_head(
+        200, b"OK", kept + dropped + [(b"CONNECTION", b"keep-alive")], framing="length",
+        keep_alive=True, request_id=b"r",
+    )  # fmt: skip
+    assert head == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nExpires: 0\r\nX-Request-Id: up\r\n\r\n"
+    )

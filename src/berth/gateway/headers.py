@@ -33,11 +33,24 @@ _REQUEST_REPLACED: Final = HOP_BY_HOP | {
 }
 
 
+def name_lengths(names: Iterable[bytes]) -> int:
+    """One bit per length among ``names``: ``lengths >> len(name) & 1`` then
+    tells whether a header may be one of them before its name is lowered.
+    Compiled (setup.py) the test is two integer operations, where lower() is a
+    method call and a new bytes object, and most headers fail it."""
+    mask = 0
+    for name in names:
+        mask |= 1 << len(name)
+    return mask
+
+
 # Connection options that name no header.
 _OPTIONS: Final = frozenset({b"", b"close", b"keep-alive"})
 # Whole Connection values naming no header, as they usually come.
 _PLAIN: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 _NO_NAMES: Final[frozenset[bytes]] = frozenset()
+_REQUEST_REPLACED_LENGTHS: Final = name_lengths(_REQUEST_REPLACED)
+_RESPONSE_SPECIAL_LENGTHS: Final = name_lengths(HOP_BY_HOP | {b"x-request-id"})
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -80,7 +93,8 @@ def upstream_request_head(
     # One pass (this runs for every request); a Connection header that names
     # other headers, which is rare, takes a second pass without them.
     for name, value in headers:
-        lname = name.lower()
+        # Lowered only when it may be a replaced one (see name_lengths).
+        lname = name.lower() if (_REQUEST_REPLACED_LENGTHS >> len(name)) & 1 else b""
         if lname in _REQUEST_REPLACED:
             if lname == b"x-forwarded-for":
                 forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
@@ -138,7 +152,7 @@ def client_response_head(
     has_id = False
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
     for name, value in headers:
-        lname = name.lower()
+        lname = name.lower() if (_RESPONSE_SPECIAL_LENGTHS >> len(name)) & 1 else b""
         if lname in HOP_BY_HOP:
             if lname == b"connection" and _named(value):
                 # Rare: a second pass without the headers Connection names.

@@ -48,7 +48,7 @@ from berth.gateway.exchange import (
     ExchangeState,
     should_retry,
 )
-from berth.gateway.headers import upstream_request_head
+from berth.gateway.headers import name_lengths, upstream_request_head
 from berth.gateway.metrics import METRICS, Metrics
 from berth.gateway.routes import Route, RoutingTable
 from berth.gateway.upstream import UpstreamConnection, UpstreamPool
@@ -136,6 +136,11 @@ class ProxyContext:
         return self._id_base + _ID_SUFFIXES[n & 0xFFF]
 
 
+# Names of the request headers on_headers_complete reads.
+_REQUEST_READ_LENGTHS: Final = name_lengths(
+    (b"host", b"content-length", b"transfer-encoding", b"expect", b"connection",
+     b"x-request-id", b"user-agent", b"upgrade")
+)  # fmt: skip
 _ID_SUFFIXES: Final = tuple(b"%03x" % i for i in range(4096))
 
 
@@ -325,11 +330,14 @@ class ClientProtocol(asyncio.Protocol):
         self._head_bytes = 0
         parser = self.parser
         ex = Exchange(self, parser.get_method(), self._url, b"", self._headers, self._last_data)
-        ex.http10 = parser.get_http_version() == "1.0"
-        ex.keep_alive = parser.should_keep_alive() and not self.ctx.draining
+        keep_alive = parser.should_keep_alive()
         request_id = b""
+        expect: bytes | None = None
+        connection = False
         hosts = 0
         for name, value in ex.headers:
+            if not (_REQUEST_READ_LENGTHS >> len(name)) & 1:
+                continue  # not a header read here (see headers.name_lengths)
             lname = name.lower()
             if lname == b"host":
                 hosts += 1
@@ -338,10 +346,11 @@ class ClientProtocol(asyncio.Protocol):
                 ex.content_length = int(value)
             elif lname == b"transfer-encoding":
                 ex.chunked = True
-            elif lname == b"expect" and not ex.http10:  # RFC 9110 10.1.1: 1.0 ignores it
-                if value.lower() != b"100-continue":
-                    ex.error = ExpectationFailed(f"unsupported Expect: {value[:100]!r}")
-                ex.expect_continue = True
+            elif lname == b"expect":
+                if expect is None or value.lower() != b"100-continue":
+                    expect = value  # an unsupported one, if any, is what is answered
+            elif lname == b"connection":
+                connection = True
             elif lname == b"x-request-id":
                 if 0 < len(value) <= 200 and value.isascii():
                     request_id = value
@@ -349,6 +358,16 @@ class ClientProtocol(asyncio.Protocol):
                 ex.user_agent = value
             elif lname == b"upgrade":
                 ex.upgrade = value
+        # HTTP/1.0 keeps its connection only when asked to (Connection:
+        # keep-alive), so a kept connection without a Connection header is
+        # HTTP/1.1: httptools makes the version string with str.format, which
+        # costs more than the rest of this loop, so it is asked only otherwise.
+        ex.http10 = (connection or not keep_alive) and parser.get_http_version() == "1.0"
+        ex.keep_alive = keep_alive and not self.ctx.draining
+        if expect is not None and not ex.http10:  # RFC 9110 10.1.1: 1.0 ignores it
+            if expect.lower() != b"100-continue":
+                ex.error = ExpectationFailed(f"unsupported Expect: {expect[:100]!r}")
+            ex.expect_continue = True
         if request_id:
             ex.request_id = request_id
             ex.client_request_id = True

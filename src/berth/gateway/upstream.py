@@ -19,7 +19,7 @@ import errno
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -30,11 +30,15 @@ from berth.gateway.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from berth.gateway.headers import name_lengths
 
 if TYPE_CHECKING:
     # The one sink: typed as the class, not a Protocol, so the compiled build
     # (setup.py) calls its methods directly instead of looking each up by name.
     from berth.gateway.exchange import Exchange
+
+
+_FRAMING_LENGTHS: Final = name_lengths((b"content-length", b"transfer-encoding"))
 
 
 class ConnState(enum.Enum):
@@ -169,6 +173,8 @@ class UpstreamConnection(asyncio.Protocol):
             # mark it now so on_message_complete does not recycle the connection.
             self.upgraded = True
         for name, value in self.headers:
+            if not (_FRAMING_LENGTHS >> len(name)) & 1:
+                continue  # not a framing header (see headers.name_lengths)
             lname = name.lower()
             if lname == b"content-length":
                 self.content_length = int(value)
