@@ -215,7 +215,8 @@ async def test_early_upstream_answer_is_relayed_and_its_connection_not_reused(
         gw = await make_gateway()
         gw.routes.set([Route("svc", "/", "c", tries=1)], {"c": [("127.0.0.1", up.port)]})
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        writer.write(b"PUT / HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\n\r\n")
+        # More body left than the gateway reads and drops (DISCARD_BODY_MAX).
+        writer.write(b"PUT / HTTP/1.1\r\nHost: svc\r\nContent-Length: 3000000\r\n\r\n")
         writer.write(b"x" * 1000)
         status, _, body = await read_response(reader)
         assert status == 413 and body == b"big"
@@ -309,3 +310,59 @@ async def test_post_sent_then_timed_out_is_not_resent_to_another_server(make_gat
     finally:
         for up in ups:
             await up.stop()
+
+
+async def test_response_head_read_in_pieces_after_an_early_hint(make_gateway) -> None:
+    """The response head is taken from the bytes as they arrive: a 103 before
+    it, and a head split over many reads, give the same head to the client,
+    and the connection is reused for the next request."""
+    response = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+        b"HTTP/1.1 200 Fine Thanks\r\nServer: t\r\nConnection: keep-alive\r\n"
+        b"Keep-Alive: timeout=5\r\nX-Long: " + b"v" * 3000 + b"\r\nContent-Length: 2\r\n\r\nok"
+    )
+
+    async def in_pieces(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            for start in range(0, len(response), 97):
+                writer.write(response[start : start + 97])
+                await writer.drain()
+                await asyncio.sleep(0)  # the gateway reads this piece before the next
+
+    up = await RawUpstream(in_pieces).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([Route("svc", "/", "c", tries=1)], {"c": [("127.0.0.1", up.port)]})
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        for _ in range(2):
+            writer.write(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 Fine Thanks\r\nServer: t\r\nX-Long: vvv")
+            assert b"\r\nContent-Length: 2\r\nX-Request-Id: " in head
+            assert b"Connection" not in head and b"Keep-Alive" not in head
+            assert await reader.readexactly(2) == b"ok"
+        writer.close()
+        assert up.connections == 1
+    finally:
+        await up.stop()
+
+
+async def test_oversized_upstream_head_gives_502(make_gateway) -> None:
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for n in range(2000):  # 2000 headers of 50 bytes: over the 64 KiB limit
+            writer.write(b"X-%05d: %s\r\n" % (n, b"v" * 40))
+            await writer.drain()
+        await reader.read()  # until the gateway hangs up
+
+    up = await RawUpstream(endless_head).start()
+    try:
+        gw = await make_gateway()
+        gw.routes.set([Route("svc", "/", "c", tries=1)], {"c": [("127.0.0.1", up.port)]})
+        async with httpx.AsyncClient(base_url=gw.url, headers={"Host": "svc"}) as client:
+            r = await client.get("/")
+        assert r.status_code == 502 and "response head over 65536 bytes" in r.json()["error"]
+    finally:
+        await up.stop()

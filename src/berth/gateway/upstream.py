@@ -41,6 +41,15 @@ if TYPE_CHECKING:
 _FRAMING_LENGTHS: Final = name_lengths((b"content-length", b"transfer-encoding"))
 
 
+# nginx's proxy_buffer_size is 4-8 KiB and Envoy's limit 60 KiB: a head past
+# this is a broken or hostile upstream, not a response to buffer.
+MAX_RESPONSE_HEAD: Final = 64 << 10
+
+
+class HeadTooLarge(Exception):
+    """Raised from a parser callback: the upstream's response head is over the limit."""
+
+
 class ConnState(enum.Enum):
     IDLE = "idle"
     ACTIVE = "active"
@@ -66,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # of the response's header fields so far
         self.chunked = False
         self.codings = b""  # transfer codings other than chunked, as in the response
         self.content_length: int | None = None
@@ -135,7 +145,9 @@ class UpstreamConnection(asyncio.Protocol):
             if rest and self.sink is not None:
                 self.sink.on_upgraded_data(rest)
         except httptools.HttpParserError as exc:
-            self.fail(UpstreamProtocolError(f"upstream {self.key} sent a bad response: {exc}"))
+            # A callback's own error (a head too large) names the problem itself.
+            reason = exc.__context__ if isinstance(exc.__context__, HeadTooLarge) else exc
+            self.fail(UpstreamProtocolError(f"upstream {self.key} sent a bad response: {reason}"))
         finally:
             if sink is not None:
                 sink.uncork()
@@ -158,6 +170,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_RESPONSE_HEAD:
+            raise HeadTooLarge(f"response head over {MAX_RESPONSE_HEAD} bytes")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -165,6 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
             # 1xx informational responses (103 Early Hints...) are not forwarded.
             self._informational = True
             self.headers = []
+            self._head_bytes = 0
             return
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
@@ -228,6 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers = []
+        self._head_bytes = 0
         self.chunked = False
         self.codings = b""
         self.content_length = None
