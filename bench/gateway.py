@@ -1,6 +1,6 @@
 """Gateway benchmark: berth's proxy against nginx and a plain aiohttp reverse proxy.
 
-    .venv/bin/python bench/gateway.py [--duration 10] [--connections 50]
+    .venv/bin/python bench/gateway.py [--rounds 3] [--duration 6] [--connections 50]
 
 All three proxies run one worker on 127.0.0.1 in front of the same upstream
 (nginx serving a static 13-byte response, one worker), with upstream
@@ -16,6 +16,11 @@ berth's features cost, and "floor vs nginx" what any proxy on this Python
 stack can reach. CPU us/req is each proxy's own CPU time (user + system, its
 workers included) per request: on a shared machine, steadier than req/s.
 
+The runs are repeated in rounds, each round every proxy once, in an order
+that turns by one each round, so a noisy spell on the shared machine hits
+every proxy alike. Each figure is the median over the rounds, and the
+ratios of berth to nginx are also printed per round, to show their spread.
+
 The issue's bars: small GET >= 0.75 x nginx req/s with p99 <= 2 x nginx's;
 1 MiB PUT >= 0.9 x nginx's throughput; and >= 5 x aiohttp. Everything shares
 this machine's cores (2 here, with the load generator and the upstream), so
@@ -30,6 +35,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -299,6 +305,23 @@ def cpu_seconds(pid: int) -> float:
     return usage[1]
 
 
+def turned(items: list[tuple[str, str]], by: int) -> list[tuple[str, str]]:
+    """``items`` rotated left ``by`` places: each round starts with another proxy."""
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds; errors are added up."""
+    out = {
+        key: statistics.median(run[key] for run in runs)
+        for key, value in runs[0].items()
+        if isinstance(value, int | float)
+    }
+    out["failed"] = sum(run["errors"] + run["non2xx"] for run in runs)
+    return out
+
+
 def wrk(url: str, duration: int, connections: int, script: Path) -> dict[str, Any]:
     out = subprocess.run(
         [
@@ -318,7 +341,8 @@ def wrk(url: str, duration: int, connections: int, script: Path) -> dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=6, help="seconds per run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--put-connections", type=int, default=8)
     opts = parser.parse_args()
@@ -387,28 +411,34 @@ def main() -> None:
 
         build = "compiled with mypyc" if is_compiled() else "interpreted (no compiled build)"
         print(
-            f"\ngateway benchmark: wrk -t1, {opts.duration}s per run, "
+            f"\ngateway benchmark: wrk -t1, {opts.rounds} rounds of {opts.duration}s per run, "
             f"{os.cpu_count()} cores shared by all processes; berth's data plane {build}\n"
         )
-        get: dict[str, dict[str, Any]] = {}
-        put: dict[str, dict[str, Any]] = {}
-        for name, url in [*targets.items(), ("floor", floor_url)]:
-            before = cpu_seconds(pids[name])
-            get[name] = wrk(url, opts.duration, opts.connections, get_lua)
-            get[name]["cpu_us"] = (cpu_seconds(pids[name]) - before) / get[name]["requests"] * 1e6
-        for name, url in targets.items():
-            put[name] = wrk(url + "put", opts.duration, opts.put_connections, put_lua)
-            put[name]["mib_s"] = put[name]["rps"]  # 1 MiB per request
+        get_urls = [*targets.items(), ("floor", floor_url)]
+        get_runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in get_urls}
+        put_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        for round_no in range(opts.rounds):
+            for name, url in turned(get_urls, round_no):
+                before = cpu_seconds(pids[name])
+                run = wrk(url, opts.duration, opts.connections, get_lua)
+                run["cpu_us"] = (cpu_seconds(pids[name]) - before) / run["requests"] * 1e6
+                get_runs[name].append(run)
+            for name, url in turned(list(targets.items()), round_no):
+                run = wrk(url + "put", opts.duration, opts.put_connections, put_lua)
+                run["mib_s"] = run["rps"]  # 1 MiB per request
+                put_runs[name].append(run)
+        get = {name: summary(runs) for name, runs in get_runs.items()}
+        put = {name: summary(runs) for name, runs in put_runs.items()}
 
         print(f"small GET, {opts.connections} connections")
         print(
             f"  {'proxy':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
             f"{'CPU us/req':>11}"
         )
-        for name, r in get.items():
+        for name, fig in get.items():
             print(
-                f"  {name:<8} {r['rps']:>10.0f} {r['p50_us'] / 1000:>8.2f} "
-                f"{r['p99_us'] / 1000:>8.2f} {r['errors'] + r['non2xx']:>7} {r['cpu_us']:>11.1f}"
+                f"  {name:<8} {fig['rps']:>10.0f} {fig['p50_us'] / 1000:>8.2f} "
+                f"{fig['p99_us'] / 1000:>8.2f} {fig['failed']:>7} {fig['cpu_us']:>11.1f}"
             )
         print(
             "  (floor: uvloop + httptools relaying GETs and nothing else, not a usable\n"
@@ -416,10 +446,9 @@ def main() -> None:
         )
         print(f"\n1 MiB PUT, {opts.put_connections} connections")
         print(f"  {'proxy':<8} {'MiB/s':>10} {'p99 ms':>8} {'errors':>7}")
-        for name, r in put.items():
+        for name, fig in put.items():
             print(
-                f"  {name:<8} {r['mib_s']:>10.1f} {r['p99_us'] / 1000:>8.2f} "
-                f"{r['errors'] + r['non2xx']:>7}"
+                f"  {name:<8} {fig['mib_s']:>10.1f} {fig['p99_us'] / 1000:>8.2f} {fig['failed']:>7}"
             )
         b, n, a = get["berth"], get["nginx"], get["aiohttp"]
         print("\nratios (berth / other; bars from the issue)")
@@ -434,6 +463,14 @@ def main() -> None:
         ]
         for label, value, bar in rows:
             print(f"  {label:<22} {value:>6.2f}  {bar}")
+        print("\nper round (berth / nginx, berth / aiohttp)")
+        for i in range(opts.rounds):
+            bg, ng, ag = (get_runs[name][i]["rps"] for name in ("berth", "nginx", "aiohttp"))
+            bp, np_ = (put_runs[name][i]["mib_s"] for name in ("berth", "nginx"))
+            print(
+                f"  round {i + 1}: GET {bg / ng:.2f}, PUT {bp / np_:.2f}, "
+                f"GET vs aiohttp {bg / ag:.2f}"
+            )
     finally:
         for proc in reversed(procs):
             proc.terminate()
