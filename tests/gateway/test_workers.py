@@ -163,7 +163,7 @@ def test_merge_sums_counters_histograms_and_gauges() -> None:
     view = merge(3, [snap(1, m1), snap(0, m0)])
     total = view.metrics
     assert list(total.routes) == ["r"] and total.routes["r"].statuses == {200: 5}
-    assert total.tries == {("svc", "ok"): 2, ("svc", "connect"): 1}
+    assert total.tries == {"svc": {"ok": 2, "connect": 1}}
     assert (total.bytes_in, total.bytes_out) == (50, 100)
     assert (total.connections_active, total.connections_total) == (5, 17)
     counts = total.routes["r"].counts

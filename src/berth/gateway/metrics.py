@@ -13,11 +13,10 @@ budget in a single-threaded event loop that needs neither.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, Final
 
-LATENCY_BUCKETS: Final = (
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
@@ -49,7 +48,7 @@ class RouteMetrics:
 class Metrics:
     def __init__(self) -> None:
         self.routes: dict[str, RouteMetrics] = {}
-        self.tries: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.tries: dict[str, dict[str, int]] = {}  # cluster -> outcome -> attempts
         self.bytes_in = 0
         self.bytes_out = 0
         self.connections_active = 0
@@ -79,8 +78,11 @@ class Metrics:
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
 
-    def observe_try(self, cluster: str, outcome: str) -> None:
-        self.tries[(cluster, outcome)] += 1
+    def observe_try(self, cluster: str, outcome: str, n: int = 1) -> None:
+        outcomes = self.tries.get(cluster)
+        if outcomes is None:
+            outcomes = self.tries[cluster] = {}
+        outcomes[outcome] = outcomes.get(outcome, 0) + n
 
     # -- across workers -------------------------------------------------------------
 
@@ -93,7 +95,11 @@ class Metrics:
                 for status, n in m.statuses.items()
             ],
             "latency": {r: {"counts": m.counts, "sum": m.sum} for r, m in self.routes.items()},
-            "tries": [[cluster, outcome, n] for (cluster, outcome), n in self.tries.items()],
+            "tries": [
+                [cluster, outcome, n]
+                for cluster, outcomes in self.tries.items()
+                for outcome, n in outcomes.items()
+            ],
             **{name: getattr(self, name) for name in _SCALARS},
         }
 
@@ -114,7 +120,7 @@ class Metrics:
                 h.counts = counts
                 h.sum = as_num(hist["sum"])
             for cluster, outcome, n in doc["tries"]:
-                m.tries[(as_str(cluster), as_str(outcome))] += as_int(n)
+                m.observe_try(as_str(cluster), as_str(outcome), as_int(n))
             for name in _SCALARS:
                 setattr(m, name, as_int(doc[name]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -132,8 +138,9 @@ class Metrics:
                     into.statuses[status] = into.statuses.get(status, 0) + n
                 into.counts = [a + b for a, b in zip(into.counts, part.counts, strict=True)]
                 into.sum += part.sum
-            for tkey, n in m.tries.items():
-                total.tries[tkey] += n
+            for cluster, outcomes in m.tries.items():
+                for outcome, n in outcomes.items():
+                    total.observe_try(cluster, outcome, n)
             for name in _SCALARS:
                 setattr(total, name, getattr(total, name) + getattr(m, name))
         return total
@@ -160,7 +167,11 @@ class Metrics:
             add(f"berth_gateway_request_seconds_count{{{label}}} {total}")
         add("# HELP berth_gateway_upstream_tries_total Upstream attempts, by cluster and outcome.")
         add("# TYPE berth_gateway_upstream_tries_total counter")
-        for (cluster, outcome), n in sorted(self.tries.items()):
+        for cluster, outcome, n in sorted(
+            (cluster, outcome, n)
+            for cluster, outcomes in self.tries.items()
+            for outcome, n in outcomes.items()
+        ):
             add(
                 f'berth_gateway_upstream_tries_total{{cluster="{_esc(cluster)}",'
                 f'outcome="{outcome}"}} {n}'
