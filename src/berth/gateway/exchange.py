@@ -302,7 +302,7 @@ class Exchange:
             client.resume_reading("buffer")
         elif self.head_only or status in (204, 304):
             framing = "none"
-        elif conn.content_length is not None:
+        elif conn.has_length:
             framing = "length"
         elif not self.http10:
             framing = "chunked"

@@ -153,7 +153,7 @@ def client_response_head(
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
     for name, value in headers:
         lname = name.lower() if (_RESPONSE_SPECIAL_LENGTHS >> len(name)) & 1 else b""
-        if lname in HOP_BY_HOP:
+        if lname and lname in HOP_BY_HOP:
             if lname == b"connection" and _named(value):
                 # Rare: a second pass without the headers Connection names.
                 named = connection_tokens(headers)

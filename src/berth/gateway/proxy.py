@@ -488,7 +488,9 @@ class ClientProtocol(asyncio.Protocol):
         self, ex: Exchange, flight: _InFlight, outcome: int | BaseException
     ) -> None:
         """The fast path's attempt settled (called from the upstream's callbacks)."""
-        if isinstance(outcome, BaseException) or ex.discarding:
+        # isinstance(outcome, int), not BaseException: compiled, a check for
+        # int is a type test, one for a builtins name a lookup of that name.
+        if not isinstance(outcome, int) or ex.discarding:
             # A retry, an error response or a resend: the coroutine path decides
             # (its ``ex.wait()`` returns this same outcome).
             self._task = self.ctx.spawn(self._serve(ex, flight))
@@ -1033,6 +1035,9 @@ class ClientProtocol(asyncio.Protocol):
             self._timer_by(self._idle_since + self._idle_timeout)
 
     def _record(self, ex: Exchange, now: float) -> None:
+        """Metrics and the access log line. Its time is ``now``, when the
+        response ended (nginx logs that time too): records come in that order,
+        so the timestamp text is made once a millisecond (IsoClock)."""
         elapsed = now - ex.started
         route = ex.route_name or "-"
         ctx = self.ctx
@@ -1044,7 +1049,7 @@ class ClientProtocol(asyncio.Protocol):
         ctx.access_log.write(
             _LOG_LINE
             % (
-                ctx.clock(ctx.wall(ex.started)),
+                ctx.clock(ctx.wall(now)),
                 json_bytes(ex.request_id) if ex.client_request_id else ex.request_id,
                 self._client_ip_json,
                 self._host_json(ex.host),

@@ -78,7 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = 0  # of the response's header fields so far
         self.chunked = False
         self.codings = b""  # transfer codings other than chunked, as in the response
-        self.content_length: int | None = None
+        self.has_length = False  # the response has a Content-Length (httptools checked it)
         self.keep_alive = True
         self._read_timeout = 0.0
         self._send_timeout = 0.0
@@ -113,7 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_complete(self)
             return
         # A close-delimited body ends with the connection.
-        if self.status and self.content_length is None and not self.chunked and exc is None:
+        if self.status and not self.has_length and not self.chunked and exc is None:
             sink.on_response_complete(self)
             return
         detail = f": {exc}" if exc else ""
@@ -193,7 +193,7 @@ class UpstreamConnection(asyncio.Protocol):
                 continue  # not a framing header (see headers.name_lengths)
             lname = name.lower()
             if lname == b"content-length":
-                self.content_length = int(value)
+                self.has_length = True
             elif lname == b"transfer-encoding":
                 # "gzip, chunked": the gateway undoes the chunking (and re-chunks
                 # for the client); the other codings stay on the body as sent.
@@ -247,7 +247,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = 0
         self.chunked = False
         self.codings = b""
-        self.content_length = None
+        self.has_length = False
         self._read_timeout = read
         self._send_timeout = send
         self.last_read = now
