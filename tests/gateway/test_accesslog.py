@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from berth.gateway.accesslog import AccessLog, IsoClock, JsonMemo, json_bytes, json_text
+from berth.gateway.accesslog import AccessLog, IsoClock, LogContext, json_bytes, json_text
 from berth.gateway.metrics import Metrics
 from berth.gateway.routes import Route
 from tests.gateway.conftest import raw_request
@@ -144,10 +144,24 @@ def test_json_text_quotes_and_reuses() -> None:
     assert json_text("img.example.com") is json_text("img.example.com")
 
 
-def test_json_memo_escapes_each_new_value() -> None:
-    memo = JsonMemo()
-    assert memo(b"") == b""
-    assert memo(b'a"b') == b'a\\"b'
-    assert memo(b'a"b') == b'a\\"b'
-    assert memo(b"curl/8") == b"curl/8"
-    assert memo(b"") == b""
+def test_log_context_is_remade_when_a_field_changes() -> None:
+    context = LogContext("10.0.0.1")
+    route, cluster, addr = "img", "imgprocess", "127.0.0.1:8000"
+    first = context(b"h.test", b"curl/8", b"GET", route, cluster, addr)
+    assert context(b"h.test", b"curl/8", b"GET", route, cluster, addr) is first
+    doc = json.loads(b"{" + first + b"}")
+    assert doc == {
+        "client_ip": "10.0.0.1", "host": "h.test", "method": "GET", "route": "img",
+        "cluster": "imgprocess", "upstream_addr": "127.0.0.1:8000", "user_agent": "curl/8",
+    }  # fmt: skip
+    changed = [
+        (b'a"b', b"curl/8", b"GET", route, cluster, addr),
+        (b"h.test", b"x\\y", b"GET", route, cluster, addr),
+        (b"h.test", b"curl/8", b"PUT", route, cluster, addr),
+        (b"h.test", b"curl/8", b"GET", "", "", ""),
+    ]
+    for fields in changed:
+        doc = json.loads(b"{" + context(*fields) + b"}")
+        assert doc["host"] == fields[0].decode() and doc["user_agent"] == fields[1].decode()
+        assert doc["method"] == fields[2].decode() and doc["route"] == (fields[3] or "-")
+        assert doc["upstream_addr"] == (fields[5] or "-")

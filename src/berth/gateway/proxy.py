@@ -23,7 +23,7 @@ from typing import Any, Final, Protocol, cast
 import httptools
 
 from berth.gateway import limits as limits_mod
-from berth.gateway.accesslog import AccessLog, IsoClock, JsonMemo, json_bytes, json_text, quote
+from berth.gateway.accesslog import LINE, AccessLog, IsoClock, LogContext, json_bytes
 from berth.gateway.cluster import Cluster, Server
 from berth.gateway.config import GatewayConfig
 from berth.gateway.errors import (
@@ -189,9 +189,7 @@ class ClientProtocol(asyncio.Protocol):
         self._time: Callable[[], float] = self.loop.time
         self.transport: asyncio.Transport | None = None
         self.client_ip = "-"
-        self._client_ip_json = b'"-"'
-        self._host_json = JsonMemo()
-        self._agent_json = JsonMemo()
+        self._log_context = LogContext(self.client_ip)
         self.parser = httptools.HttpRequestParser(self)
         self.high_water = ctx.config.buffer_high_water
         self.current: Exchange | None = None  # the exchange being answered
@@ -235,7 +233,7 @@ class ClientProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip = str(peer[0])
-        self._client_ip_json = quote(self.client_ip).encode()  # once per connection
+        self._log_context = LogContext(self.client_ip)
         self.ctx.connections.add(self)
         self.ctx.metrics.connections_active += 1
         self.ctx.metrics.connections_total += 1
@@ -1046,36 +1044,25 @@ class ClientProtocol(asyncio.Protocol):
             return
         # One bytes %-format in C, with no escaping for plain ASCII values
         # (json_bytes): json.dumps of a dict costs about four times as much.
+        context = self._log_context(
+            ex.host, ex.user_agent, ex.method, ex.route_name, ex.cluster_name, ex.upstream_addr
+        )
         ctx.access_log.write(
-            _LOG_LINE
+            LINE
             % (
                 ctx.clock(ctx.wall(now)),
                 json_bytes(ex.request_id) if ex.client_request_id else ex.request_id,
-                self._client_ip_json,
-                self._host_json(ex.host),
-                json_text(route),
-                json_text(ex.cluster_name or "-"),
-                ex.method,  # one of the methods the parser knows: plain letters
                 json_bytes(ex.url),
                 ex.status,
-                json_text(ex.upstream_addr or "-"),
                 b"%d" % ex.upstream_status if ex.upstream_status else b"null",
                 ex.tries,
                 ex.body_bytes,
                 ex.response_bytes,
                 elapsed * 1000,
                 ex.upstream_time * 1000,
-                self._agent_json(ex.user_agent),
+                context,
             )
         )
-
-
-_LOG_LINE: Final = (
-    b'{"time":"%s","request_id":"%s","client_ip":%s,"host":"%s","route":%s,'
-    b'"cluster":%s,"method":"%s","path":"%s","status":%d,"upstream_addr":%s,'
-    b'"upstream_status":%s,"tries":%d,"request_bytes":%d,"response_bytes":%d,'
-    b'"request_time":%.3f,"upstream_time":%.3f,"user_agent":"%s"}\n'
-)
 
 
 def _discardable(ex: Exchange) -> bool:
