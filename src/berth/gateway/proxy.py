@@ -42,10 +42,10 @@ from berth.gateway.errors import (
     URITooLong,
 )
 from berth.gateway.exchange import (
-    RETRY_STATUSES,
     ClientBodyFailed,
     Exchange,
     ExchangeState,
+    retry_status,
     should_retry,
 )
 from berth.gateway.headers import name_lengths, upstream_request_head
@@ -498,7 +498,7 @@ class ClientProtocol(asyncio.Protocol):
         # Settled from the upstream's read callback, which read the clock.
         now = flight.conn.last_read if flight.conn is not None else self._time()
         ex.upstream_time += now - flight.started
-        ok = status not in RETRY_STATUSES
+        ok = not retry_status(status)
         flight.cluster.on_request_end(
             flight.server, ok, None if ok else f"upstream answered {status}"
         )
@@ -572,7 +572,9 @@ class ClientProtocol(asyncio.Protocol):
         self._paused.add(reason)
 
     def resume_reading(self, reason: str) -> None:
-        if reason in self._paused:
+        # Called twice per request (attach, detach), nearly always unpaused:
+        # an empty set is tested without hashing the reason.
+        if self._paused and reason in self._paused:
             self._paused.discard(reason)
             if not self._paused and self.transport is not None and not self.closing:
                 self.transport.resume_reading()
@@ -877,7 +879,7 @@ class ClientProtocol(asyncio.Protocol):
             ok, error = True, None
             try:
                 status = await self._try(ex, route, server, head, attached)
-                ok = status not in RETRY_STATUSES
+                ok = not retry_status(status)
                 error = None if ok else f"upstream answered {status}"
                 if not ex.discarding:
                     ctx.metrics.observe_try(cluster.name, "ok" if ok else str(status))
