@@ -4,8 +4,8 @@ The gateway relays every request of the platform, and in CPython its cost is
 spread over many small typed steps (routing, balancing, header rewriting,
 metrics, the access log) with no single hotspot left to rewrite. mypyc turns
 exactly that kind of code into C from the type annotations the code already
-has (mypy --strict), which cuts the gateway's CPU per request by about a third
-(README, "Gateway benchmark"). The modules stay plain Python: mypy, ruff and a
+has (mypy --strict), which cuts the gateway's own Python time per small request
+from about 22 us to 9 (README, "Gateway benchmark"). The modules stay plain Python: mypy, ruff and a
 debugger see the same source, and the package works without the compiled
 build.
 
@@ -23,7 +23,15 @@ first two):
   never None, so reading an absent one raises TypeError unless read as Any;
 - for speed: an f-string with a format spec becomes one str.format call per
   field, and a dataclass keeps the interpreted ``__init__`` (not for objects
-  made per request).
+  made per request); a Final constant of a fixed-length tuple type is a C
+  struct that is boxed into a new tuple each time it is iterated (annotate
+  ``tuple[float, ...]``); module constants without Final are dict lookups;
+  ``isinstance(x, BaseException)`` looks the builtins name up on every call
+  (``isinstance(x, int)`` is a type test); a Protocol-typed attribute's
+  methods are called by name (type it as the class where there is one);
+  methods of bytes other than join, startswith, endswith and translate
+  (find, lower, split) are generic calls, and ``needle in data`` for bytes
+  raises and clears a TypeError inside CPython on every test.
 """
 
 from __future__ import annotations
