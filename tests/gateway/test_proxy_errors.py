@@ -161,9 +161,22 @@ async def _endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     await reader.read()  # until the gateway hangs up
 
 
+async def _endless_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+    for _ in range(100):  # one header line of 100 KiB that never ends
+        writer.write(b"v" * 1024)
+        await writer.drain()
+    await reader.read()
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),
-    [(_garbage, "bad response"), (_endless_head, "bad response: response head over 65536 bytes")],
+    [
+        (_garbage, "bad response"),
+        (_endless_head, "bad response: response head over 65536 bytes"),
+        (_endless_line, "bad response: response head over 65536 bytes"),
+    ],
 )
 async def test_bad_upstream_response_gives_502_naming_it(
     make_gateway, answer: Callable[..., Awaitable[None]], error: str

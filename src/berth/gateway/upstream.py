@@ -75,7 +75,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0  # of the response's header fields so far
+        # The response head's size, bounded by MAX_RESPONSE_HEAD: the fields
+        # parsed (a head that ends within one read), and the bytes read while
+        # the head is not complete (one endless line over many reads).
+        self._field_bytes = 0
+        self._head_read = 0
         self.chunked = False
         self.codings = b""  # transfer codings other than chunked, as in the response
         self.has_length = False  # the response has a Content-Length (httptools checked it)
@@ -137,8 +141,13 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             sink.cork()
+        in_head = self.status == 0  # the final response's head is not complete yet
         try:
             self._parser.feed_data(data)
+            if in_head and self.status == 0:
+                self._head_read += len(data)
+                if self._head_read > MAX_RESPONSE_HEAD:
+                    raise httptools.HttpParserError(f"response head over {MAX_RESPONSE_HEAD} bytes")
         except httptools.HttpParserUpgrade as upgrade:
             self.upgraded = True
             rest = data[upgrade.args[0] :]
@@ -170,8 +179,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_RESPONSE_HEAD:
+        self._field_bytes += len(name) + len(value) + 4
+        if self._field_bytes > MAX_RESPONSE_HEAD:
             raise HeadTooLarge(f"response head over {MAX_RESPONSE_HEAD} bytes")
 
     def on_headers_complete(self) -> None:
@@ -180,7 +189,7 @@ class UpstreamConnection(asyncio.Protocol):
             # 1xx informational responses (103 Early Hints...) are not forwarded.
             self._informational = True
             self.headers = []
-            self._head_bytes = 0
+            self._field_bytes = 0
             return
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
@@ -244,7 +253,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers = []
-        self._head_bytes = 0
+        self._field_bytes = 0
+        self._head_read = 0
         self.chunked = False
         self.codings = b""
         self.has_length = False
