@@ -32,8 +32,11 @@ class RouteMetrics:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
         self.sum = 0.0
 
+    def count(self, status: int, n: int = 1) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + n
+
     def observe(self, status: int, seconds: float) -> None:
-        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.count(status)
         # A scan from the smallest bucket, not bisect: most requests land in
         # the first ones, and compiled (setup.py) this is a few float compares.
         i = 0
@@ -68,6 +71,14 @@ class Metrics:
             found = self.routes[name] = RouteMetrics()
         return found
 
+    def try_counts(self) -> list[tuple[str, str, int]]:
+        """Upstream attempts as (cluster, outcome, count) rows."""
+        return [
+            (cluster, outcome, n)
+            for cluster, outcomes in self.tries.items()
+            for outcome, n in outcomes.items()
+        ]
+
     def requests_total(self) -> int:
         return sum(n for m in self.routes.values() for n in m.statuses.values())
 
@@ -95,11 +106,7 @@ class Metrics:
                 for status, n in m.statuses.items()
             ],
             "latency": {r: {"counts": m.counts, "sum": m.sum} for r, m in self.routes.items()},
-            "tries": [
-                [cluster, outcome, n]
-                for cluster, outcomes in self.tries.items()
-                for outcome, n in outcomes.items()
-            ],
+            "tries": [list(row) for row in self.try_counts()],
             **{name: getattr(self, name) for name in _SCALARS},
         }
 
@@ -109,9 +116,7 @@ class Metrics:
         try:
             m = cls()
             for route, status, n in doc["requests"]:
-                statuses = m.route(as_str(route)).statuses
-                code = as_int(status)
-                statuses[code] = statuses.get(code, 0) + as_int(n)
+                m.route(as_str(route)).count(as_int(status), as_int(n))
             for route, hist in doc["latency"].items():
                 counts = [as_int(c) for c in hist["counts"]]
                 if len(counts) != len(LATENCY_BUCKETS) + 1:
@@ -135,12 +140,11 @@ class Metrics:
             for route, part in m.routes.items():
                 into = total.route(route)
                 for status, n in part.statuses.items():
-                    into.statuses[status] = into.statuses.get(status, 0) + n
+                    into.count(status, n)
                 into.counts = [a + b for a, b in zip(into.counts, part.counts, strict=True)]
                 into.sum += part.sum
-            for cluster, outcomes in m.tries.items():
-                for outcome, n in outcomes.items():
-                    total.observe_try(cluster, outcome, n)
+            for cluster, outcome, n in m.try_counts():
+                total.observe_try(cluster, outcome, n)
             for name in _SCALARS:
                 setattr(total, name, getattr(total, name) + getattr(m, name))
         return total
@@ -167,11 +171,7 @@ class Metrics:
             add(f"berth_gateway_request_seconds_count{{{label}}} {total}")
         add("# HELP berth_gateway_upstream_tries_total Upstream attempts, by cluster and outcome.")
         add("# TYPE berth_gateway_upstream_tries_total counter")
-        for cluster, outcome, n in sorted(
-            (cluster, outcome, n)
-            for cluster, outcomes in self.tries.items()
-            for outcome, n in outcomes.items()
-        ):
+        for cluster, outcome, n in sorted(self.try_counts()):
             add(
                 f'berth_gateway_upstream_tries_total{{cluster="{_esc(cluster)}",'
                 f'outcome="{outcome}"}} {n}'
