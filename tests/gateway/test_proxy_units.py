@@ -8,6 +8,7 @@ from berth.gateway.headers import (
     HOP_BY_HOP,
     chunk,
     client_response_head,
+    may_be,
     name_lengths,
     upstream_request_head,
 )
@@ -143,6 +144,8 @@ def test_name_lengths_marks_each_length() -> None:
     mask = name_lengths((b"te", b"connection", b"keep-alive"))
     assert [n for n in range(64) if (mask >> n) & 1] == [2, 10]
     assert (mask >> 300) & 1 == 0  # longer than any: not one of them
+    assert may_be(b"Connection", mask) and may_be(b"TE", mask)
+    assert not may_be(b"Server", mask) and not may_be(b"x" * 300, mask)
 
 
 def test_client_response_head_drops_hop_by_hop_in_any_case() -> None:

@@ -34,14 +34,19 @@ _REQUEST_REPLACED: Final = HOP_BY_HOP | {
 
 
 def name_lengths(names: Iterable[bytes]) -> int:
-    """One bit per length among ``names``: ``lengths >> len(name) & 1`` then
-    tells whether a header may be one of them before its name is lowered.
-    Compiled (setup.py) the test is two integer operations, where lower() is a
-    method call and a new bytes object, and most headers fail it."""
+    """One bit per length among ``names``, for ``may_be``."""
     mask = 0
     for name in names:
         mask |= 1 << len(name)
     return mask
+
+
+def may_be(name: bytes, lengths: int) -> bool:
+    """Whether header ``name`` may be one of the names ``lengths`` was made
+    of (``name_lengths``), told before the name is lowered. Compiled
+    (setup.py) the test is two integer operations, where lower() is a method
+    call and a new bytes object, and most headers fail it."""
+    return bool((lengths >> len(name)) & 1)
 
 
 # Connection options that name no header.
@@ -93,9 +98,8 @@ def upstream_request_head(
     # One pass (this runs for every request); a Connection header that names
     # other headers, which is rare, takes a second pass without them.
     for name, value in headers:
-        # Lowered only when it may be a replaced one (see name_lengths).
-        lname = name.lower() if (_REQUEST_REPLACED_LENGTHS >> len(name)) & 1 else b""
-        if lname in _REQUEST_REPLACED:
+        lname = name.lower() if may_be(name, _REQUEST_REPLACED_LENGTHS) else b""
+        if lname and lname in _REQUEST_REPLACED:
             if lname == b"x-forwarded-for":
                 forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
             elif lname == b"connection" and _named(value):
@@ -152,7 +156,7 @@ def client_response_head(
     has_id = False
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or b"-")]
     for name, value in headers:
-        lname = name.lower() if (_RESPONSE_SPECIAL_LENGTHS >> len(name)) & 1 else b""
+        lname = name.lower() if may_be(name, _RESPONSE_SPECIAL_LENGTHS) else b""
         if lname and lname in HOP_BY_HOP:
             if lname == b"connection" and _named(value):
                 # Rare: a second pass without the headers Connection names.

@@ -48,7 +48,7 @@ from berth.gateway.exchange import (
     retry_status,
     should_retry,
 )
-from berth.gateway.headers import name_lengths, upstream_request_head
+from berth.gateway.headers import may_be, name_lengths, upstream_request_head
 from berth.gateway.metrics import METRICS, Metrics
 from berth.gateway.routes import Route, RoutingTable
 from berth.gateway.upstream import UpstreamConnection, UpstreamPool
@@ -334,8 +334,8 @@ class ClientProtocol(asyncio.Protocol):
         connection = False
         hosts = 0
         for name, value in ex.headers:
-            if not (_REQUEST_READ_LENGTHS >> len(name)) & 1:
-                continue  # not a header read here (see headers.name_lengths)
+            if not may_be(name, _REQUEST_READ_LENGTHS):
+                continue  # not a header read here
             lname = name.lower()
             if lname == b"host":
                 hosts += 1

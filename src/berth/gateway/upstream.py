@@ -30,7 +30,7 @@ from berth.gateway.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from berth.gateway.headers import name_lengths
+from berth.gateway.headers import may_be, name_lengths
 
 if TYPE_CHECKING:
     # The one sink: typed as the class, not a Protocol, so the compiled build
@@ -198,8 +198,8 @@ class UpstreamConnection(asyncio.Protocol):
             # mark it now so on_message_complete does not recycle the connection.
             self.upgraded = True
         for name, value in self.headers:
-            if not (_FRAMING_LENGTHS >> len(name)) & 1:
-                continue  # not a framing header (see headers.name_lengths)
+            if not may_be(name, _FRAMING_LENGTHS):
+                continue  # not a framing header
             lname = name.lower()
             if lname == b"content-length":
                 self.has_length = True
