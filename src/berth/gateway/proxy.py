@@ -495,8 +495,9 @@ class ClientProtocol(asyncio.Protocol):
             return
         status = outcome
         ex.detach()
-        # Settled from the upstream's read callback, which read the clock.
-        now = flight.conn.last_read if flight.conn is not None else self._time()
+        conn = flight.conn
+        assert conn is not None  # the fast path goes on only with an idle connection
+        now = conn.last_read  # settled from its read callback, which read the clock
         ex.upstream_time += now - flight.started
         ok = not retry_status(status)
         flight.cluster.on_request_end(
